@@ -1,0 +1,3 @@
+"""tissuegraph: tissue as spatial graphs."""
+
+__version__ = "0.1.0"

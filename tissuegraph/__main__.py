@@ -1,0 +1,5 @@
+import sys
+
+from tissuegraph.cli import main
+
+sys.exit(main())

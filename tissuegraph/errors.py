@@ -1,0 +1,29 @@
+"""Exceptions raised for bad input. The CLI prints them as one line, without a traceback."""
+
+
+class TissueGraphError(Exception):
+    """A user-facing error: the message names the file or field and what to do."""
+
+
+class InputError(TissueGraphError, ValueError):
+    """Bad or missing input data (a file, a column, a field)."""
+
+
+class ConfigError(TissueGraphError, ValueError):
+    """An invalid configuration value."""
+
+
+class MissingDependencyError(TissueGraphError, ImportError):
+    """An optional dependency is not installed."""
+
+
+def require(module: str, extra: str | None = None, purpose: str = ""):
+    """Import an optional dependency or fail with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        what = f" for {purpose}" if purpose else ""
+        hint = f"pip install 'tissuegraph[{extra}]'" if extra else f"pip install {module}"
+        raise MissingDependencyError(f"{module} is needed{what}: {hint}") from exc

@@ -1,0 +1,115 @@
+"""Configuration of ``tissuegraph build-graphs`` (structured OmegaConf dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SlideSpec:
+    """One slide. ``format`` picks the reader.
+
+    - ``visium``: ``path`` is a Space Ranger output folder; ``image_path`` an optional
+      full-resolution image (TIFF/BigTIFF, JPEG, PNG).
+    - ``st``: legacy Spatial Transcriptomics: ``counts`` (spots x genes tsv[.gz]), ``spots``
+      (spot table) and ``image`` (full-resolution H&E).
+    - ``h5ad``: ``path`` is an ``.h5ad`` in the scanpy/squidpy layout.
+    - ``synthetic``: the simulated demo slide; ``n_spots`` and ``seed`` choose its size.
+    """
+
+    name: str = "???"
+    format: str = "visium"
+    path: str | None = None
+    counts: str | None = None
+    spots: str | None = None
+    image: str | None = None
+    image_path: str | None = None
+    library_id: str | None = None
+    n_spots: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class PanelConfig:
+    """The gene panel shared by all slides of a build.
+
+    ``mode``: ``hvg`` (``n_top`` highly variable genes, chosen on ``fit_slides`` or all
+    slides), ``list`` (``genes`` or one symbol per line in ``genes_file``), ``all`` (genes
+    present in every slide).
+    """
+
+    mode: str = "hvg"
+    n_top: int = 2000
+    genes: list[str] | None = None
+    genes_file: str | None = None
+    fit_slides: list[str] | None = None
+    min_spots: int = 3
+
+
+@dataclass
+class NormalizeConfig:
+    """``log1p_cp10k`` (library-size to ``target_sum`` then log1p), ``log1p``, or ``none``."""
+
+    method: str = "log1p_cp10k"
+    target_sum: float = 1e4
+
+
+@dataclass
+class SpatialConfig:
+    """Spot graph: ``grid`` (lattice rings from array coordinates: 6 neighbours per ring on
+    Visium's hexagonal lattice, 4/8 on a square ST lattice), ``knn``, ``radius``, ``delaunay``."""
+
+    method: str = "grid"
+    rings: int = 1
+    k: int = 6
+    radius_um: float | None = None
+
+
+@dataclass
+class EncoderSpec:
+    """A frozen timm encoder whose features are stored instead of pixels (``name`` null = pixels)."""
+
+    name: str | None = None
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class PatchConfig:
+    """Image patches: side lengths in µm, finest first, each 3x the previous one."""
+
+    enabled: bool = True
+    sizes_um: list[float] = field(default_factory=lambda: [110.0, 330.0, 990.0])
+    crop_px: int = 32
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+
+
+@dataclass
+class PriorConfig:
+    """Prior-knowledge tables (paths; ``null`` to leave out). Formats are detected from the
+    header; ``tf_format`` may force ``collectri`` or ``dorothea``."""
+
+    tf_targets: str | None = None
+    tf_format: str = "auto"
+    dorothea_levels: str = "ABC"
+    pathways: str | None = None
+    gmt: str | None = None
+    ligand_receptor: str | None = None
+    min_pathway_genes: int = 3
+    expresses_top_k: int = 32
+
+
+@dataclass
+class BuildConfig:
+    slides: list[SlideSpec] = field(default_factory=list)
+    out_dir: str = "graphs"
+    n_jobs: int = 1
+    seed: int = 0
+    keep_counts: bool = False
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    priors: PriorConfig = field(default_factory=PriorConfig)

@@ -1,0 +1,127 @@
+"""The graph schema: the contract between ``build-graphs`` and ``pretrain``.
+
+Every node type, edge type and attribute name used by tissuegraph is defined here, once.
+Other modules import these constants instead of writing string literals.
+
+Node types
+----------
+``spot``
+    ``x``        float16 ``[N, G]``  normalised expression of the gene panel
+    ``pos``      float32 ``[N, 2]``  spot centre in µm
+    ``slide``    int64   ``[N]``     slide index (position of the slide in the manifest)
+    ``counts``   optional raw counts (float32 ``[N, G]``)
+``patch_0``, ``patch_1``, ...
+    ``img``      uint8 ``[M, 3, S, S]`` crops resized to ``S`` pixels, or
+    ``feat``     float16 ``[M, D]``     features of a frozen image encoder
+    ``pos``      float32 ``[M, 2]``     patch centre in µm
+    ``size_um``  float32 ``[1]``        physical side length in µm
+    ``patch_0`` is centred on a spot (row ``i`` of ``patch_0`` belongs to spot ``i``);
+    ``patch_{k+1}`` tiles the slide on a square lattice three times coarser, so every
+    ``patch_k`` lies in one cell of a 3x3 grid of its parent.
+``gene``
+    ``index``    int64 ``[G]`` index into the panel vocabulary (symbols in the metadata)
+``pathway`` (optional)
+    ``index``    int64 ``[P]``
+
+Edge types (``edge_index`` int64 ``[2, E]``)
+--------------------------------------------
+``(spot, near, spot)``                 ``edge_attr`` float32 ``[E, 1]``: distance in µm
+``(patch_0, of, spot)``, reverse       one edge per spot
+``(patch_k, in, patch_k+1)``, reverse  ``loc`` int64 ``[E]`` in 0..8: the child's cell in the
+                                       parent's 3x3 grid (row-major, row = +y)
+``(spot, expresses, gene)``, reverse   ``edge_weight`` float32 ``[E]``: normalised expression
+``(gene, regulates, gene)``            ``edge_weight`` float32 ``[E]``: signed mode of regulation
+``(gene, binds, gene)``                ligand -> receptor (optional)
+``(gene, member_of, pathway)``, rev.   ``edge_weight`` float32 ``[E]``: pathway weight
+
+Graph-level metadata lives in ``data.meta`` (a plain ``dict`` of str/int/float/list values):
+``schema_version``, ``slide`` (name), ``slide_index``, ``barcodes`` (list of spot ids in row
+order), ``genes`` (panel symbols), ``gene_ids``, ``pathways``, ``patch_sizes_um``,
+``crop_px``, ``config_hash``, ``units`` ("um"), ``image`` (path or None), ``prior_coverage``.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# node types
+SPOT = "spot"
+GENE = "gene"
+PATHWAY = "pathway"
+PATCH_PREFIX = "patch_"
+
+
+def patch(k: int) -> str:
+    """Node type of the image patches at scale ``k`` (0 = finest, centred on spots)."""
+    return f"{PATCH_PREFIX}{int(k)}"
+
+
+def is_patch(node_type: str) -> bool:
+    return node_type.startswith(PATCH_PREFIX)
+
+
+def patch_level(node_type: str) -> int:
+    if not is_patch(node_type):
+        raise ValueError(f"{node_type!r} is not a patch node type")
+    return int(node_type[len(PATCH_PREFIX) :])
+
+
+# relations
+NEAR = "near"
+OF = "of"
+IN = "in"
+EXPRESSES = "expresses"
+REGULATES = "regulates"
+BINDS = "binds"
+MEMBER_OF = "member_of"
+REV_PREFIX = "rev_"
+
+
+def rev(relation: str) -> str:
+    """Name of the reverse relation (PyG's ``ToUndirected`` convention)."""
+    return f"{REV_PREFIX}{relation}"
+
+
+# edge types
+SPOT_NEAR_SPOT = (SPOT, NEAR, SPOT)
+PATCH0_OF_SPOT = (patch(0), OF, SPOT)
+SPOT_REV_OF_PATCH0 = (SPOT, rev(OF), patch(0))
+SPOT_EXPRESSES_GENE = (SPOT, EXPRESSES, GENE)
+GENE_REV_EXPRESSES_SPOT = (GENE, rev(EXPRESSES), SPOT)
+GENE_REGULATES_GENE = (GENE, REGULATES, GENE)
+GENE_BINDS_GENE = (GENE, BINDS, GENE)
+GENE_MEMBER_OF_PATHWAY = (GENE, MEMBER_OF, PATHWAY)
+PATHWAY_REV_MEMBER_OF_GENE = (PATHWAY, rev(MEMBER_OF), GENE)
+
+
+def patch_in_parent(k: int) -> tuple[str, str, str]:
+    """``(patch_k, in, patch_k+1)``: containment with the ``loc`` target."""
+    return (patch(k), IN, patch(k + 1))
+
+
+def parent_rev_in_patch(k: int) -> tuple[str, str, str]:
+    return (patch(k + 1), rev(IN), patch(k))
+
+
+# attribute names
+X = "x"
+POS = "pos"
+SLIDE = "slide"
+COUNTS = "counts"
+IMG = "img"
+FEAT = "feat"
+SIZE_UM = "size_um"
+INDEX = "index"
+EDGE_ATTR = "edge_attr"
+EDGE_WEIGHT = "edge_weight"
+LOC = "loc"
+N_LOC = 9
+
+MANIFEST = "manifest.json"
+RESOLVED_CONFIG = "config.yaml"
+GRAPH_SUFFIX = ".pt"
+
+
+def patch_types(data) -> list[str]:
+    """Patch node types present in ``data`` (a ``HeteroData``), finest first."""
+    return sorted((t for t in data.node_types if is_patch(t)), key=patch_level)
