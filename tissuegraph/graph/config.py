@@ -36,6 +36,11 @@ class PanelConfig:
     ``mode``: ``hvg`` (``n_top`` highly variable genes, chosen on ``fit_slides`` or all
     slides), ``list`` (``genes`` or one symbol per line in ``genes_file``), ``all`` (genes
     present in every slide).
+
+    ``flavor`` (hvg only): ``seurat_v3`` (standardised variance of raw counts against a
+    mean-variance trend, ranked per slide, median rank across slides) or ``dispersion``
+    (normalised dispersion of log-normalised data within mean bins). Genes must be detected
+    in at least ``min_spots`` spots of every fitted slide.
     """
 
     mode: str = "hvg"
@@ -44,6 +49,7 @@ class PanelConfig:
     genes_file: str | None = None
     fit_slides: list[str] | None = None
     min_spots: int = 3
+    flavor: str = "seurat_v3"
 
 
 @dataclass
@@ -57,32 +63,46 @@ class NormalizeConfig:
 @dataclass
 class SpatialConfig:
     """Spot graph: ``grid`` (lattice rings from array coordinates: 6 neighbours per ring on
-    Visium's hexagonal lattice, 4/8 on a square ST lattice), ``knn``, ``radius``, ``delaunay``."""
+    Visium's hexagonal lattice, 4/8 on a square ST lattice), ``knn``, ``radius``, ``delaunay``.
+
+    ``square_neighbors`` (4 or 8) picks the square-lattice neighbourhood; ``max_length_um``
+    prunes longer Delaunay edges (default: twice the median nearest-neighbour distance)."""
 
     method: str = "grid"
     rings: int = 1
     k: int = 6
     radius_um: float | None = None
+    square_neighbors: int = 4
+    max_length_um: float | None = None
 
 
 @dataclass
 class EncoderSpec:
-    """A frozen timm encoder whose features are stored instead of pixels (``name`` null = pixels)."""
+    """A frozen timm encoder whose features are stored instead of pixels (``name`` null = pixels).
+
+    Crops are read at ``input_px`` (default: ``patches.crop_px``), normalised with the
+    model's mean/std and encoded in batches of ``batch_size`` under ``torch.no_grad``."""
 
     name: str | None = None
     pretrained: bool = False
     checkpoint_path: str | None = None
     batch_size: int = 64
     device: str = "auto"
+    input_px: int | None = None
 
 
 @dataclass
 class PatchConfig:
-    """Image patches: side lengths in µm, finest first, each 3x the previous one."""
+    """Image patches: side lengths in µm, finest first, each 3x the previous one.
+
+    ``patch_0`` is centred on every spot; coarser scales lie on square lattices anchored at
+    ``origin_um`` (µm from the image's top-left corner). ``crop_px``: pixel side of the stored
+    uint8 crops (3 x 32 x 32 = 3 KB per patch)."""
 
     enabled: bool = True
     sizes_um: list[float] = field(default_factory=lambda: [110.0, 330.0, 990.0])
     crop_px: int = 32
+    origin_um: list[float] = field(default_factory=lambda: [0.0, 0.0])
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
 
 

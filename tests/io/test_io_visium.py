@@ -1,0 +1,280 @@
+"""Space Ranger reader on real slides and on layouts rebuilt in tmp_path."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from tissuegraph.errors import InputError
+from tissuegraph.io import read_10x_h5, read_visium
+from tissuegraph.io._common import make_unique
+
+
+@pytest.fixture(scope="session")
+def dlpfc(dlpfc_dir):
+    return read_visium(dlpfc_dir)
+
+
+@pytest.fixture(scope="session")
+def toy_dir(data_dir):
+    return data_dir / "visium_toy"
+
+
+@pytest.fixture(scope="session")
+def toy(toy_dir):
+    return read_visium(toy_dir)
+
+
+def write_10x_h5(path, X, barcodes, ids, names, ftypes=None):
+    """Minimal 10x HDF5 (v3 layout) writer for tests; X is barcodes x features."""
+    Xc = sp.csr_matrix(X)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"] = Xc.data.astype(np.int32)
+        g["indices"] = Xc.indices.astype(np.int64)
+        g["indptr"] = Xc.indptr.astype(np.int64)
+        g["shape"] = np.array([Xc.shape[1], Xc.shape[0]], dtype=np.int32)
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        ft = g.create_group("features")
+        ft["id"] = np.array(ids, dtype="S")
+        ft["name"] = np.array(names, dtype="S")
+        if ftypes is not None:
+            ft["feature_type"] = np.array(ftypes, dtype="S")
+
+
+def copy_spatial(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "spatial", dst / "spatial")
+    for p in (dst / "spatial").iterdir():
+        p.chmod(0o644)
+    (dst / "spatial").chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- real data
+def test_dlpfc_layout(dlpfc):
+    a = dlpfc
+    assert a.shape == (3639, 5000)
+    assert sp.isspmatrix_csr(a.X) and a.X.dtype == np.float32
+    assert a.var_names.is_unique
+    assert a.var["gene_ids"].str.startswith("ENSG").all()
+    assert float(a.X.sum()) > 0 and np.allclose(a.X.data, np.round(a.X.data))
+    for c in ("in_tissue", "array_row", "array_col"):
+        assert a.obs[c].dtype.kind == "i"
+    assert a.obsm["spatial"].shape == (3639, 2) and a.obsm["spatial"].dtype == np.float64
+    tg = a.uns["tissuegraph"]
+    assert tg["platform"] == "visium" and tg["grid"] == "hex"
+    assert tg["library_id"] == "151673" and tg["image_path"] is None
+    lib = a.uns["spatial"]["151673"]
+    assert lib["images"]["lowres"].shape == (600, 600, 3)
+    assert lib["images"]["lowres"].dtype == np.uint8
+    assert "hires" not in lib["images"]
+    assert lib["scalefactors"]["tissue_lowres_scalef"] == pytest.approx(0.045004502)
+    np.testing.assert_allclose(a.obsm["spatial_um"], a.obsm["spatial"] * tg["microns_per_pixel"])
+
+
+def test_dlpfc_micron_scale(dlpfc):
+    """Neighbouring Visium spots are 100 um apart (centre to centre)."""
+    xy = dlpfc.obsm["spatial_um"]
+    d, _ = cKDTree(xy).query(xy, k=7)
+    assert np.median(d[:, 1]) == pytest.approx(100.0, rel=0.03)
+    assert np.median(d[:, 6]) == pytest.approx(100.0, rel=0.05)  # six ring neighbours
+
+
+def test_dlpfc_matches_positions_file(dlpfc, dlpfc_dir):
+    pos = pd.read_csv(dlpfc_dir / "spatial" / "tissue_positions_list.csv", header=None, index_col=0)
+    p = pos.loc[dlpfc.obs_names]
+    np.testing.assert_array_equal(dlpfc.obsm["spatial"][:, 0], p[5].to_numpy())
+    np.testing.assert_array_equal(dlpfc.obsm["spatial"][:, 1], p[4].to_numpy())
+    np.testing.assert_array_equal(dlpfc.obs["array_row"], p[2].to_numpy())
+
+
+def test_toy_positions_larger_than_matrix(toy, toy_dir):
+    n_pos = sum(1 for _ in open(toy_dir / "spatial" / "tissue_positions_list.csv"))
+    assert n_pos > 1000
+    assert toy.shape == (100, 100)
+    X, bc, _ = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    assert list(toy.obs_names) == list(bc)
+    assert toy.uns["spatial"][toy.uns["tissuegraph"]["library_id"]]["images"]["hires"].ndim == 3
+    xy = toy.obsm["spatial_um"]
+    d, _ = cKDTree(xy).query(xy, k=2)
+    assert d[:, 1].min() == pytest.approx(100.0, rel=0.05)
+
+
+def test_make_unique():
+    assert list(make_unique(["A", "B", "A", "A", "A-1"])) == ["A", "B", "A-2", "A-3", "A-1"]
+
+
+def test_duplicate_symbols_made_unique(tmp_path, toy_dir, toy):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    names = list(feats["name"])
+    names[1] = names[0]
+    d = tmp_path / "dup"
+    copy_spatial(toy_dir, d)
+    write_10x_h5(d / "filtered_feature_bc_matrix.h5", X, bc, feats["gene_ids"], names)
+    a = read_visium(d)
+    assert a.var_names.is_unique and a.var_names[1] == f"{names[0]}-1"
+
+
+# ----------------------------------------------------------------------------- other layouts
+def test_mtx_folder_and_v2_csv(tmp_path, toy_dir, toy):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    d = tmp_path / "mtx"
+    copy_spatial(toy_dir, d)
+    # v2 positions with a header instead of v1
+    v1 = d / "spatial" / "tissue_positions_list.csv"
+    pos = pd.read_csv(v1, header=None)
+    pos.columns = [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
+    pos.to_csv(d / "spatial" / "tissue_positions.csv", index=False)
+    v1.unlink()
+    m = d / "filtered_feature_bc_matrix"
+    m.mkdir()
+    # one extra non-gene feature that must be dropped
+    extra = sp.csr_matrix(np.ones((X.shape[0], 1), dtype=np.float32))
+    full = sp.hstack([X, extra]).tocsr()
+    with gzip.open(m / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, full.T.astype(np.int64))
+    with gzip.open(m / "barcodes.tsv.gz", "wt") as fh:
+        fh.write("\n".join(bc) + "\n")
+    with gzip.open(m / "features.tsv.gz", "wt") as fh:
+        for i, n in zip(feats["gene_ids"], feats["name"]):
+            fh.write(f"{i}\t{n}\tGene Expression\n")
+        fh.write("CD3\tCD3_TotalSeqB\tAntibody Capture\n")
+    a = read_visium(d)
+    assert a.shape == toy.shape
+    assert (a.X != toy.X).nnz == 0
+    np.testing.assert_array_equal(a.obsm["spatial"], toy.obsm["spatial"])
+    assert list(a.var_names) == list(toy.var_names)
+
+
+def test_visium_hd_parquet(tmp_path, toy_dir, toy):
+    root = tmp_path / "hd"
+    b = root / "binned_outputs" / "square_008um"
+    copy_spatial(toy_dir, b)
+    shutil.copy(toy_dir / "filtered_feature_bc_matrix.h5", b / "filtered_feature_bc_matrix.h5")
+    sp_dir = b / "spatial"
+    pos = pd.read_csv(sp_dir / "tissue_positions_list.csv", header=None)
+    (sp_dir / "tissue_positions_list.csv").unlink()
+    pos.columns = [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
+    # a square lattice of 8 um bins, 2 px per um
+    pos["pxl_row_in_fullres"] = pos["array_row"] * 16.0 + 100.0
+    pos["pxl_col_in_fullres"] = pos["array_col"] * 16.0 + 50.0
+    pos.to_parquet(sp_dir / "tissue_positions.parquet")
+    sf = json.loads((sp_dir / "scalefactors_json.json").read_text())
+    sf["spot_diameter_fullres"] = 16.0
+    (sp_dir / "scalefactors_json.json").write_text(json.dumps(sf))
+    a = read_visium(root)  # resolves binned_outputs/square_008um
+    tg = a.uns["tissuegraph"]
+    assert tg["platform"] == "visium_hd" and tg["grid"] == "square"
+    assert tg["spot_spacing_um"] == 8.0 and tg["microns_per_pixel"] == pytest.approx(0.5)
+    assert a.n_obs == 100
+    # bin size from scalefactors wins over the folder name
+    sf["bin_size_um"] = 16.0
+    sf["spot_diameter_fullres"] = 32.0
+    (sp_dir / "scalefactors_json.json").write_text(json.dumps(sf))
+    assert read_visium(b).uns["tissuegraph"]["spot_spacing_um"] == 16.0
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_visium(tmp_path / "nope")
+
+
+def test_folder_without_matrix(tmp_path):
+    with pytest.raises(InputError, match="filtered_feature_bc_matrix"):
+        read_visium(tmp_path)
+
+
+def test_missing_spatial(tmp_path, toy_dir):
+    shutil.copy(toy_dir / "filtered_feature_bc_matrix.h5", tmp_path)
+    with pytest.raises(InputError, match="spatial/"):
+        read_visium(tmp_path)
+
+
+def test_missing_scalefactors(tmp_path, toy_dir):
+    copy_spatial(toy_dir, tmp_path)
+    shutil.copy(toy_dir / "filtered_feature_bc_matrix.h5", tmp_path)
+    (tmp_path / "spatial" / "scalefactors_json.json").unlink()
+    with pytest.raises(InputError, match="scalefactors_json.json"):
+        read_visium(tmp_path)
+
+
+def test_barcodes_absent_from_positions(tmp_path, toy_dir):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    bc = list(bc)
+    bc[3] = "NOTABARCODE-1"
+    copy_spatial(toy_dir, tmp_path)
+    write_10x_h5(
+        tmp_path / "filtered_feature_bc_matrix.h5", X, bc, feats["gene_ids"], feats["name"]
+    )
+    with pytest.raises(InputError, match="1 of 100 matrix barcodes are absent"):
+        read_visium(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_corrupt_h5(tmp_path, toy_dir, kind):
+    copy_spatial(toy_dir, tmp_path)
+    raw = (toy_dir / "filtered_feature_bc_matrix.h5").read_bytes()
+    data = raw[: len(raw) // 2] if kind == "truncated" else b"not an hdf5 file" * 100
+    (tmp_path / "filtered_feature_bc_matrix.h5").write_bytes(data)
+    with pytest.raises(InputError, match="filtered_feature_bc_matrix.h5") as e:
+        read_visium(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_zero_gene_features(tmp_path, toy_dir):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    copy_spatial(toy_dir, tmp_path)
+    write_10x_h5(
+        tmp_path / "filtered_feature_bc_matrix.h5",
+        X,
+        bc,
+        feats["gene_ids"],
+        feats["name"],
+        ["Antibody Capture"] * X.shape[1],
+    )
+    with pytest.raises(InputError, match="zero 'Gene Expression' features"):
+        read_visium(tmp_path)
+
+
+def test_bad_positions_columns(tmp_path, toy_dir):
+    copy_spatial(toy_dir, tmp_path)
+    shutil.copy(toy_dir / "filtered_feature_bc_matrix.h5", tmp_path)
+    p = tmp_path / "spatial" / "tissue_positions_list.csv"
+    p.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(InputError, match="expected 6 columns"):
+        read_visium(tmp_path)
+
+
+def test_image_path_not_matching(tmp_path, toy_dir):
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((50, 60, 3), np.uint8)).save(small)
+    with pytest.raises(InputError, match="outside the image"):
+        read_visium(toy_dir, image_path=small)
+    with pytest.raises(InputError, match="not found"):
+        read_visium(toy_dir, image_path=tmp_path / "missing.tif")

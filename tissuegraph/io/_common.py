@@ -1,0 +1,174 @@
+"""Helpers shared by the readers: AnnData assembly, unique names, error messages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from tissuegraph.errors import InputError
+
+PLATFORMS = ("visium", "visium_hd", "st", "synthetic")
+
+
+def as_path(path: str | os.PathLike, what: str) -> Path:
+    """``Path(path)``, failing with an :class:`InputError` when it does not exist."""
+    if path is None:
+        raise InputError(f"{what}: no path given; pass the path of the {what}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{what} not found: {p} (check the path)")
+    return p
+
+
+def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
+    """Make names unique like ``scanpy``/``anndata``'s ``var_names_make_unique``.
+
+    The first occurrence keeps its name; later duplicates get ``-1``, ``-2``, ... appended,
+    skipping suffixes that would collide with an existing name.
+    """
+    names = pd.Index([str(n) for n in names])
+    if names.is_unique:
+        return names
+    seen = set(names)
+    out = list(names)
+    counts: dict[str, int] = {}
+    first: set[str] = set()
+    for i, name in enumerate(names):
+        if name not in first:
+            first.add(name)
+            continue
+        k = counts.get(name, 0)
+        while True:
+            k += 1
+            cand = f"{name}{join}{k}"
+            if cand not in seen:
+                break
+        counts[name] = k
+        seen.add(cand)
+        out[i] = cand
+    return pd.Index(out)
+
+
+def to_csr_float32(x) -> sp.csr_matrix:
+    """Counts as a ``csr_matrix`` of float32 with sorted indices."""
+    m = sp.csr_matrix(x, dtype=np.float32)
+    m.sum_duplicates()
+    m.sort_indices()
+    return m
+
+
+def build_anndata(
+    X,
+    *,
+    obs_names,
+    var_names,
+    gene_ids,
+    in_tissue,
+    array_row,
+    array_col,
+    spatial_px: np.ndarray,
+    microns_per_pixel: float,
+    library_id: str,
+    platform: str,
+    spot_diameter_um: float,
+    spot_spacing_um: float,
+    grid: str,
+    image_path: str | None,
+    source: str,
+    images: dict[str, np.ndarray],
+    scalefactors: dict[str, float],
+    metadata: dict[str, Any] | None = None,
+    extra_obs: pd.DataFrame | None = None,
+):
+    """Assemble the AnnData layout shared by every reader (see ``docs/io.md``)."""
+    import anndata as ad
+
+    X = to_csr_float32(X)
+    if X.shape[1] == 0:
+        raise InputError(f"{source}: zero genes were read; check the feature table of this slide")
+    if X.shape[0] == 0:
+        raise InputError(f"{source}: zero spots were read; check the barcodes / spot table")
+    obs = pd.DataFrame(index=pd.Index([str(b) for b in obs_names]))
+    obs["in_tissue"] = np.asarray(in_tissue, dtype=np.int64)
+    obs["array_row"] = np.asarray(array_row, dtype=np.int64)
+    obs["array_col"] = np.asarray(array_col, dtype=np.int64)
+    if extra_obs is not None:
+        for c in extra_obs.columns:
+            obs[c] = extra_obs[c].to_numpy()
+    var_names = make_unique(var_names)
+    var = pd.DataFrame(index=var_names)
+    var["gene_ids"] = pd.Index([str(g) for g in gene_ids]).to_numpy(dtype=object)
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    spatial_px = np.asarray(spatial_px, dtype=np.float64)
+    adata.obsm["spatial"] = spatial_px
+    adata.obsm["spatial_um"] = spatial_px * float(microns_per_pixel)
+    adata.uns["spatial"] = {
+        library_id: {
+            "images": dict(images),
+            "scalefactors": {k: float(v) for k, v in scalefactors.items()},
+            "metadata": dict(metadata or {}),
+        }
+    }
+    adata.uns["tissuegraph"] = {
+        "library_id": library_id,
+        "platform": platform,
+        "microns_per_pixel": float(microns_per_pixel),
+        "spot_diameter_um": float(spot_diameter_um),
+        "spot_spacing_um": float(spot_spacing_um),
+        "grid": grid,
+        "image_path": None if image_path is None else str(image_path),
+        "source": str(source),
+    }
+    return adata
+
+
+def check_inside_image(
+    spatial_px: np.ndarray, shape_hw: tuple[int, int], tolerance_px: float, where: str, fix: str
+) -> None:
+    """Fail when spot centres lie outside an image of ``shape_hw`` full-resolution pixels."""
+    h, w = shape_hw
+    xy = np.asarray(spatial_px, dtype=np.float64)
+    bad = (
+        (xy[:, 0] < -tolerance_px)
+        | (xy[:, 1] < -tolerance_px)
+        | (xy[:, 0] > w - 1 + tolerance_px)
+        | (xy[:, 1] > h - 1 + tolerance_px)
+    )
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{where}: {int(bad.sum())} of {len(xy)} spot centres lie outside the image "
+            f"({w} x {h} px), e.g. x={xy[i, 0]:.0f}, y={xy[i, 1]:.0f}; {fix}"
+        )
+
+
+def estimate_pixel_pitch(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
+    """Pixels per unit of ``array_xy``, robustly.
+
+    Fits ``pixel = A @ array + b`` by least squares, drops outliers (residual above median +
+    5 MAD) and refits; the pitch is ``sqrt(|det A|)``, insensitive to rotation and flips.
+    Returns ``nan`` when the points are collinear or too few.
+    """
+    if len(array_xy) < 3:
+        return float("nan")
+    a = np.asarray(array_xy, dtype=np.float64)
+    p = np.asarray(pixel_xy, dtype=np.float64)
+    keep = np.ones(len(a), dtype=bool)
+    A = None
+    for _ in range(3):
+        design = np.column_stack([a[keep], np.ones(keep.sum())])
+        A, _, rank, _ = np.linalg.lstsq(design, p[keep], rcond=None)
+        if rank < 3:
+            return float("nan")
+        res = np.linalg.norm(np.column_stack([a, np.ones(len(a))]) @ A - p, axis=1)
+        mad = np.median(np.abs(res[keep] - np.median(res[keep]))) + 1e-9
+        new = res <= np.median(res[keep]) + 5.0 * 1.4826 * mad
+        if new.sum() < 3 or (new == keep).all():
+            break
+        keep = new
+    return float(np.sqrt(abs(np.linalg.det(A[:2, :2]))))
