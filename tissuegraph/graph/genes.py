@@ -47,6 +47,9 @@ def normalize_counts(x, method: str = "log1p_cp10k", target_sum: float = 1e4) ->
             f"normalize.method={method!r} is unknown: choose one of {', '.join(NORMALIZE_METHODS)}"
         )
     src = as_csr(x)
+    if not src.has_canonical_format:  # duplicate or unsorted entries: work on a clean copy
+        src = src.copy()
+        src.sum_duplicates()
     if method == "none":
         return src.copy()
     if method == "log1p_cp10k":
@@ -245,6 +248,15 @@ def select_hvg(
     return [common[cand[i]] for i in chosen]
 
 
+def row_block(x: sp.csr_matrix, a: int, b: int) -> np.ndarray:
+    """Rows ``a:b`` of a CSR matrix as a dense ``float32`` array (no intermediate CSR copy)."""
+    lo, hi = int(x.indptr[a]), int(x.indptr[b])
+    out = np.zeros((b - a, x.shape[1]), dtype=np.float32)
+    rows = np.repeat(np.arange(b - a), np.diff(x.indptr[a : b + 1]))
+    out[rows, x.indices[lo:hi]] = x.data[lo:hi]
+    return out
+
+
 def topk_per_row(
     x: sp.csr_matrix, k: int, *, chunk_elems: int = 1 << 24
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -276,7 +288,7 @@ def topk_per_row(
     step = max(1, chunk_elems // max(g, 1))
     for a in range(0, n, step):
         b = min(n, a + step)
-        dense = x[a:b].toarray()
+        dense = row_block(x, a, b)
         part = np.argpartition(dense, g - k, axis=1)[:, g - k :]
         part.sort(axis=1)  # column order within each row
         vals = np.take_along_axis(dense, part, axis=1)

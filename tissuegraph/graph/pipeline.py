@@ -28,6 +28,7 @@ from tissuegraph.graph.genes import (
     as_csr,
     normalize_counts,
     panel_matrix,
+    row_block,
     select_hvg,
     topk_per_row,
 )
@@ -297,7 +298,7 @@ def _dense_f16(x, chunk_elems: int = 1 << 24) -> np.ndarray:
     out = np.zeros((n, g), dtype=np.float16)
     step = max(1, chunk_elems // max(g, 1))
     for a in range(0, n, step):
-        out[a : a + step] = x[a : a + step].toarray()
+        out[a : a + step] = row_block(x, a, min(n, a + step))
     return out
 
 

@@ -126,8 +126,9 @@ def grid_graph(
     key = rc0[:, 0] * width + rc0[:, 1]
     if height * width <= max(4 * n, 1 << 16):
         # dense lookup table of the (padded) lattice bounding box: O(N K), no sorting
-        table = np.full(height * width, -1, dtype=np.int64)
-        table[key] = np.arange(n, dtype=np.int64)
+        idx_t = np.int32 if n < 2**31 - 1 else np.int64  # halves the memory traffic
+        table = np.full(height * width, -1, dtype=idx_t)
+        table[key] = np.arange(n, dtype=idx_t)
         if np.count_nonzero(table >= 0) < n:
             _raise_duplicate(key, width, lo)
         nbr = table[key[:, None] + (offsets[:, 0] * width + offsets[:, 1])[None, :]]
@@ -141,8 +142,10 @@ def grid_graph(
         at = np.minimum(np.searchsorted(skey, q), n - 1)
         nbr = np.where(skey[at] == q, order[at], -1)
     hit = nbr >= 0  # [N, K], row-major = grouped by source spot
-    src = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], nbr.shape)[hit]
-    return np.stack([src, nbr[hit]])
+    out = np.empty((2, int(hit.sum())), dtype=np.int64)
+    out[0] = np.repeat(np.arange(n, dtype=np.int64), hit.sum(1))
+    out[1] = nbr[hit]
+    return out
 
 
 def _raise_duplicate(key: np.ndarray, width: int, lo: np.ndarray):

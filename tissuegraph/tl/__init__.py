@@ -1,0 +1,41 @@
+"""Analysis on AnnData (scanpy style): embeddings, niches and their biology.
+
+Every function takes an AnnData first, writes only the keys its docstring lists, records its
+parameters under ``uns[key]["params"]`` and keeps squidpy's layout (``obsm["spatial"]``,
+``obsp["spatial_connectivities"]``, ``uns["spatial"]``).
+"""
+
+from tissuegraph.tl._composition import niche_composition
+from tissuegraph.tl._enrichment import exact_moments, nhood_enrichment
+from tissuegraph.tl._explain import explain
+from tissuegraph.tl._ligrec import ligand_receptor
+from tissuegraph.tl._markers import niche_markers
+from tissuegraph.tl._model import (
+    embed,
+    measured_vs_predicted,
+    pearson_per_gene,
+    predict_expression,
+    pseudo_spots,
+)
+from tissuegraph.tl._niches import niches, stability_curve
+from tissuegraph.tl._pathways import pathway_activity
+from tissuegraph.tl._spatial import aggregate_neighbors, spatial_neighbors
+
+__all__ = [
+    "aggregate_neighbors",
+    "embed",
+    "exact_moments",
+    "explain",
+    "ligand_receptor",
+    "measured_vs_predicted",
+    "nhood_enrichment",
+    "niche_composition",
+    "niche_markers",
+    "niches",
+    "pathway_activity",
+    "pearson_per_gene",
+    "predict_expression",
+    "pseudo_spots",
+    "spatial_neighbors",
+    "stability_curve",
+]

@@ -1,0 +1,600 @@
+"""Spatial domains on DLPFC: adjusted Rand index (ARI) against the manual cortical layers.
+
+Sections 151673 and 151674 (10x Visium, spatialLIBD), K = 7 domains (L1-L6, WM), ARI on the
+spots that carry a layer label, mean ± sd over seeds.
+
+Protocols
+---------
+``per_section``
+    Every method is fitted on the section it is scored on (tissuegraph pretrains on the
+    section itself, as STAGATE / GraphST do), then embeds and clusters it.
+``transfer``
+    Fitted on one section, applied to the other: tissuegraph pretrains on the training
+    section only (the held-out section never enters pretraining, checked on the graph
+    manifest and on the checkpoint), then embeds and clusters the held-out section; the
+    baselines' gene panel, scaling and PCA are fitted on the training section only. The gene
+    panel is chosen on the training section alone (``panel.fit_slides``).
+
+Methods (all clustered by the same ``tissuegraph.tl.niches(method="gmm",
+covariance_type="tied")``, i.e. a Gaussian mixture with one shared covariance, R mclust's
+EEE, with ``n_init`` k-means starts)
+---------------------------------------------------------------------------------------------
+``tissuegraph``   build_graphs -> pretrain -> tl.embed -> tl.niches
+``pca``           log1p-CP10k of the HVG panel, scaled, PCA
+``aggregation``   the PCA above, concatenated with its means over the spots exactly 1, 2 and
+                  3 hops away on the spot grid (CellCharter-style, ``tl.aggregate_neighbors``)
+
+Run ``uv run python benchmarks/domains_dlpfc.py [--quick]``; results go to
+``benchmarks/results/domains_dlpfc.json`` (``domains_dlpfc_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    Target,
+    build_graph_dir,
+    call_with_supported,
+    check_training_slides,
+    ensure_data_env,
+    fmt_mean_sd,
+    mean_sd,
+    measure,
+    pretrain_checkpoint,
+    print_summary,
+    results_path,
+    set_threads,
+    tl_function,
+    write_results,
+)
+
+NAME = "domains_dlpfc"
+TITLE = "Spatial domains on DLPFC (ARI vs manual layers, K = 7)"
+SECTIONS = ("151673", "151674")
+METHODS = ("tissuegraph", "pca", "aggregation")
+PROTOCOLS = ("per_section", "transfer")
+PEERS = {"STAGATE": "STAGATE_pyG", "GraphST": "GraphST", "CellCharter": "cellcharter"}
+TRUTH = "truth"
+
+FULL_STEPS = 600
+TARGET_PER_SECTION = 0.65
+TARGET_TRANSFER = 0.55
+REFERENCE = (
+    "published context on 151673: aggregation + mclust EEE 0.60; STAGATE 0.59 after 11 min CPU"
+)
+
+
+@dataclass
+class Section:
+    """One section to score: the AnnData (``obs['truth']``: labels, NaN = unlabelled) and the
+    ``SlideSpec`` that ``build_graphs`` reads it from."""
+
+    name: str
+    adata: object
+    spec: object
+
+
+@dataclass
+class Settings:
+    """Everything that changes the numbers (stored in the results JSON)."""
+
+    k: int = 7
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 600
+    n_top: int = 2000
+    n_pcs: int = 30
+    n_hops: int = 3
+    n_init: int = 10
+    restarts: int = 5
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    kind: str = "fused"
+    device: str = "cpu"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    build_overrides: list[str] = field(default_factory=list)
+    trace_python: bool = True
+
+
+# ----------------------------------------------------------------------------- data
+def load_dlpfc(sample: str) -> Section:
+    """A DLPFC section with its layer labels in ``obs['truth']``."""
+    from tissuegraph import datasets
+    from tissuegraph.graph.config import SlideSpec
+
+    root = ensure_data_env()
+    adata = datasets.dlpfc(sample)
+    labels = datasets.dlpfc_labels(sample)
+    adata.obs[TRUTH] = labels.astype(object).reindex(adata.obs_names).to_numpy()
+    spec = SlideSpec(
+        name=str(sample),
+        format="visium",
+        path=str(root / "dlpfc" / str(sample)),
+        library_id=str(sample),
+    )
+    return Section(str(sample), adata, spec)
+
+
+# ----------------------------------------------------------------------------- baselines
+def choose_panel(train: dict[str, object], n_top: int) -> list[str]:
+    """HVG panel fitted on the training sections only (``panel.fit_slides = train``).
+
+    Uses tissuegraph's own panel selection, so the baselines see the genes the graph build
+    sees. Only the training AnnDatas are passed in: nothing of a held-out section can
+    influence the choice.
+    """
+    from tissuegraph.config import load_config
+    from tissuegraph.graph.config import BuildConfig
+    from tissuegraph.graph.pipeline import select_panel
+
+    cfg = load_config(BuildConfig)
+    cfg.panel.mode = "hvg"
+    cfg.panel.n_top = int(n_top)
+    cfg.panel.fit_slides = list(train)
+    return list(select_panel(dict(train), cfg))
+
+
+def log_expression(adata, genes: Sequence[str]) -> np.ndarray:
+    """log1p(CP10k) of ``genes`` (library size over all genes of the spot), dense ``[N, G]``;
+    panel genes absent from the section are zero columns."""
+    from tissuegraph.graph.genes import normalize_counts, panel_matrix
+
+    x = normalize_counts(adata.X, "log1p_cp10k")
+    m, _ = panel_matrix(x, adata.var_names, list(genes))
+    return m.toarray()
+
+
+class PcaModel:
+    """Scale (mean / sd of the training spots, clipped at ±10) then PCA, fitted on training.
+
+    Parameters
+    ----------
+    n_pcs
+        Principal components kept.
+    seed
+        Seed of the randomized SVD.
+    """
+
+    def __init__(self, n_pcs: int = 30, seed: int = 0):
+        self.n_pcs = n_pcs
+        self.seed = seed
+
+    def fit(self, x: np.ndarray) -> PcaModel:
+        from sklearn.decomposition import PCA
+
+        self.mean_ = x.mean(0)
+        sd = x.std(0)
+        self.sd_ = np.where(sd > 0, sd, 1.0)
+        n = int(min(self.n_pcs, x.shape[0] - 1, x.shape[1] - 1))
+        self.pca_ = PCA(n_components=n, random_state=self.seed).fit(self._scale(x))
+        return self
+
+    def _scale(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.mean_) / self.sd_, -10, 10)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """``[N, G]`` log expression (same panel order) -> ``[N, n_pcs]`` float32."""
+        return self.pca_.transform(self._scale(x)).astype(np.float32)
+
+
+def aggregate(adata, rep: np.ndarray, n_hops: int) -> np.ndarray:
+    """``[rep, mean over hop ring 1, ..., ring n_hops]`` on the section's spot grid."""
+    from anndata import AnnData
+
+    tmp = AnnData(obs=adata.obs[[]].copy(), obsm={k: adata.obsm[k] for k in adata.obsm})
+    tmp.uns["tissuegraph"] = adata.uns.get("tissuegraph", {})
+    tmp.obsm["X_bench_rep"] = rep
+    tl_function("spatial_neighbors")(tmp, method="grid")
+    tl_function("aggregate_neighbors")(
+        tmp, n_hops=n_hops, use_rep="X_bench_rep", key_added="X_bench_agg"
+    )
+    return np.asarray(tmp.obsm["X_bench_agg"])
+
+
+# ----------------------------------------------------------------------------- clustering / score
+def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, list[str]]:
+    """``tl.niches(method="gmm", covariance_type="tied")`` on ``rep``; returns labels and the
+    options ``tl.niches`` did not accept (recorded in the results)."""
+    from anndata import AnnData
+
+    tmp = AnnData(obs={"i": np.arange(rep.shape[0])})
+    tmp.obsm["X_bench"] = np.asarray(rep, dtype=np.float32)
+    _, dropped = call_with_supported(
+        tl_function("niches"),
+        tmp,
+        n_niches=k,
+        method="gmm",
+        use_rep="X_bench",
+        key_added="bench_niche",
+        covariance_type="tied",
+        n_init=n_init,
+        random_state=seed,
+    )
+    return np.asarray(tmp.obs["bench_niche"].astype(str)), dropped
+
+
+def ari_labelled(pred: np.ndarray, truth) -> float:
+    """ARI on the spots with a ground-truth label (NaN / None / '' dropped)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    t = np.asarray(truth, dtype=object)
+    ok = np.array([v is not None and v == v and str(v) != "" for v in t])
+    return float(adjusted_rand_score(t[ok].astype(str), np.asarray(pred)[ok]))
+
+
+def score_rep(rep, truth, *, k, seed, n_init, restarts) -> dict:
+    """Cluster ``rep`` with ``n_init`` starts (the reported ARI) and, to show the spread, with
+    ``restarts`` single starts."""
+    with measure() as mc:
+        labels, dropped = cluster(rep, k, seed, n_init)
+    out = {"ari": ari_labelled(labels, truth), "cluster_s": mc.seconds, "dropped_options": dropped}
+    singles = [
+        ari_labelled(cluster(rep, k, 1000 * seed + r + 1, 1)[0], truth) for r in range(restarts)
+    ]
+    if singles:
+        out.update(
+            restart_aris=singles,
+            restart_min=float(min(singles)),
+            restart_max=float(max(singles)),
+            restart_sd=float(np.std(singles, ddof=1)) if len(singles) > 1 else 0.0,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- tissuegraph arm
+def train_tissuegraph(
+    train: Section, heldout: Sequence[str], workdir: Path, s: Settings
+) -> tuple[dict[int, Path], dict]:
+    """Build the training section's graph (panel fitted on it alone) and pretrain one model
+    per seed. The protocol guard :func:`_common.check_training_slides` asserts that only
+    ``train`` is in the graphs used for pretraining."""
+    graphs = workdir / f"graphs_{train.name}"
+    with measure(s.trace_python) as mb:
+        manifest = build_graph_dir(
+            [train.spec],
+            graphs,
+            n_top=s.n_top,
+            fit_slides=[train.name],
+            overrides=s.build_overrides,
+        )
+    check_training_slides(graphs, [train.name], heldout)
+    info = {"build": mb.as_dict(), "panel": list(manifest["genes"]), "pretrain": {}}
+    ckpts = {}
+    for seed in s.seeds:
+        with measure(s.trace_python) as mt:
+            ckpt = pretrain_checkpoint(
+                graphs,
+                workdir / f"run_{train.name}_seed{seed}",
+                steps=s.steps,
+                seed=seed,
+                device=s.device,
+                overrides=s.pretrain_overrides,
+            )
+        check_checkpoint_slides(ckpt, [train.name], heldout)
+        ckpts[seed] = ckpt
+        info["pretrain"][seed] = mt.as_dict()
+    return ckpts, info
+
+
+def check_checkpoint_slides(ckpt: Path, train: Sequence[str], heldout: Sequence[str]) -> None:
+    """Leakage guard on the checkpoint: its recorded build config lists only ``train``."""
+    from tissuegraph.train.checkpoint import load_model
+
+    _, info = load_model(ckpt, device="cpu")
+    slides = [sl.get("name") for sl in (info.get("build_config") or {}).get("slides", [])]
+    leaked = sorted(set(slides) & set(heldout))
+    if leaked:
+        raise RuntimeError(f"leakage: checkpoint {ckpt} was pretrained on held-out {leaked}")
+    if slides and sorted(slides) != sorted(train):
+        raise RuntimeError(f"checkpoint {ckpt} was pretrained on {slides}, expected {list(train)}")
+
+
+def embed_tissuegraph(section: Section, ckpt: Path, s: Settings) -> np.ndarray:
+    """``tl.embed`` of the section with a checkpoint (graph built with its panel)."""
+    adata = section.adata.copy()
+    call_with_supported(
+        tl_function("embed"),
+        adata,
+        str(ckpt),
+        kind=s.kind,
+        device=s.device,
+        key_added="X_tissuegraph",
+    )
+    return np.asarray(adata.obsm["X_tissuegraph"], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
+    """All methods x protocols x seeds; one record per (method, protocol, train, test, seed)."""
+    runs: list[dict] = []
+    names = [sec.name for sec in sections]
+    # warm-up (imports, first-call compilation) so that no method is charged for it
+    PcaModel(2).fit(
+        log_expression(sections[0].adata, choose_panel({names[0]: sections[0].adata}, 50))
+    )
+    for train in sections:
+        others = [n for n in names if n != train.name]
+        evals = []
+        if "per_section" in s.protocols:
+            evals.append(("per_section", train))
+        if "transfer" in s.protocols:
+            evals += [("transfer", sec) for sec in sections if sec.name != train.name]
+        if not evals:
+            continue
+        # --- fit on the training section only
+        with measure(s.trace_python) as mp:
+            panel = choose_panel({train.name: train.adata}, s.n_top)
+            pca = PcaModel(s.n_pcs).fit(log_expression(train.adata, panel))
+        ckpts, tg_info = {}, {}
+        if "tissuegraph" in s.methods:
+            ckpts, tg_info = train_tissuegraph(train, others, workdir, s)
+            tg_info["panel_equals_baseline_panel"] = tg_info["panel"] == panel
+        for protocol, test in evals:
+            base = {"protocol": protocol, "train": train.name, "test": test.name}
+            truth = test.adata.obs[TRUTH].to_numpy()
+            with measure() as mtr:
+                z = pca.transform(log_expression(test.adata, panel))
+            reps = {}
+            if "pca" in s.methods:
+                reps["pca"] = (z, mp.seconds + mtr.seconds, mp)
+            if "aggregation" in s.methods:
+                with measure() as ma:
+                    za = aggregate(test.adata, z, s.n_hops)
+                reps["aggregation"] = (za, mp.seconds + mtr.seconds + ma.seconds, mp)
+            for method, (rep, fit_s, mem) in reps.items():
+                for seed in s.seeds:
+                    rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
+                    rec.update(
+                        score_rep(
+                            rep, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                        )
+                    )
+                    rec.update(
+                        train_s=fit_s, total_s=fit_s + rec["cluster_s"], **mem.as_dict("fit_")
+                    )
+                    runs.append(rec)
+                    _log(rec)
+            if "tissuegraph" in s.methods:
+                build_s = tg_info["build"]["seconds"]
+                for seed in s.seeds:
+                    with measure() as me:
+                        emb = embed_tissuegraph(test, ckpts[seed], s)
+                    rec = {**base, "method": "tissuegraph", "seed": seed, "dim": int(emb.shape[1])}
+                    rec.update(
+                        score_rep(
+                            emb, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                        )
+                    )
+                    pt = tg_info["pretrain"][seed]
+                    rec.update(
+                        build_s=build_s,
+                        pretrain_s=pt["seconds"],
+                        embed_s=me.seconds,
+                        train_s=build_s + pt["seconds"],
+                        total_s=build_s + pt["seconds"] + me.seconds + rec["cluster_s"],
+                        steps=s.steps,
+                        panel_equals_baseline_panel=tg_info["panel_equals_baseline_panel"],
+                        **{f"fit_{k}": v for k, v in pt.items()},
+                    )
+                    runs.append(rec)
+                    _log(rec)
+    return runs
+
+
+def _log(rec: dict) -> None:
+    print(
+        f"  {rec['protocol']:<11} {rec['train']}->{rec['test']} {rec['method']:<12} "
+        f"seed {rec['seed']}: ARI {rec['ari']:.3f} "
+        f"(restarts {rec.get('restart_min', float('nan')):.3f}-{rec.get('restart_max', float('nan')):.3f}) "
+        f"train {rec.get('train_s', 0):.1f}s",
+        flush=True,
+    )
+
+
+def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], list[Target]]:
+    """Summary table rows (mean ± sd over seeds) and the targets."""
+    cols = [
+        "protocol",
+        "train → test",
+        "method",
+        f"ARI (mean ± sd, {len(s.seeds)} seed(s))",
+        "single-start ARI range",
+        "train s",
+        "peak RSS MB (fit)",
+    ]
+    rows = []
+    keys = []
+    for r in runs:
+        key = (r["protocol"], r["train"], r["test"], r["method"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        rs = [r for r in runs if (r["protocol"], r["train"], r["test"], r["method"]) == key]
+        lo = min((r.get("restart_min", np.nan) for r in rs), default=np.nan)
+        hi = max((r.get("restart_max", np.nan) for r in rs), default=np.nan)
+        rows.append(
+            [
+                key[0],
+                f"{key[1]} → {key[2]}",
+                key[3],
+                fmt_mean_sd([r["ari"] for r in rs]),
+                f"{lo:.3f}–{hi:.3f}" if np.isfinite(lo) else "n/a",
+                round(mean_sd([r["train_s"] for r in rs])[0], 1),
+                round(mean_sd([r.get("fit_peak_rss_mb") for r in rs])[0], 0),
+            ]
+        )
+
+    def mean_of(method, protocol, test=None):
+        v = [
+            r["ari"]
+            for r in runs
+            if r["method"] == method
+            and r["protocol"] == protocol
+            and (test is None or r["test"] == test)
+        ]
+        return mean_sd(v)[0] if v else None
+
+    targets = []
+    agg_ctx = mean_of("aggregation", "per_section", "151673")
+    agg_txt = (
+        f"aggregation baseline in this run: {agg_ctx:.3f} on 151673; "
+        if agg_ctx is not None
+        else ""
+    )
+    if "per_section" in s.protocols:
+        targets.append(
+            Target(
+                "tissuegraph per-section ARI (mean over sections and seeds)",
+                mean_of("tissuegraph", "per_section"),
+                TARGET_PER_SECTION,
+                context=agg_txt + REFERENCE,
+            )
+        )
+    if "transfer" in s.protocols:
+        targets.append(
+            Target(
+                "tissuegraph transfer ARI (mean over directions and seeds)",
+                mean_of("tissuegraph", "transfer"),
+                TARGET_TRANSFER,
+                context="pretrained on one section, embedded + clustered on the other",
+            )
+        )
+    return cols, rows, targets
+
+
+def peer_notes() -> list[str]:
+    """Optional peers run only when importable; they are not dependencies of tissuegraph."""
+    notes = []
+    for peer, module in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            notes.append(f"{peer} not run: '{module}' is not installed (optional peer)")
+        else:
+            notes.append(f"{peer} importable but not wired into this benchmark")
+    return notes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, few steps, fewer restarts")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS))
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default 600; quick 60)"
+    )
+    p.add_argument("--n-top", type=int, default=2000, help="HVG panel size")
+    p.add_argument("--n-pcs", type=int, default=30)
+    p.add_argument("--n-init", type=int, default=None, help="GMM starts (default 10; quick 3)")
+    p.add_argument("--restarts", type=int, default=None, help="single-start fits for the spread")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--build-override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--priors",
+        action="store_true",
+        help="add CollecTRI TF->target and PROGENy pathway edges from $TISSUEGRAPH_DATA/priors",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch / BLAS threads")
+    p.add_argument("--workdir", default=None, help="keep graphs and runs here (default: temp)")
+    p.add_argument("--no-tracemalloc", action="store_true", help="skip the Python-heap peak")
+    p.add_argument("--out", default=None, help="results JSON path")
+    return p.parse_args(argv)
+
+
+def settings_from_args(a: argparse.Namespace) -> Settings:
+    q = a.quick
+    return Settings(
+        seeds=list(range(a.seeds if a.seeds is not None else (1 if q else 3))),
+        steps=a.steps if a.steps is not None else (60 if q else FULL_STEPS),
+        n_top=a.n_top,
+        n_pcs=a.n_pcs,
+        n_init=a.n_init if a.n_init is not None else (3 if q else 10),
+        restarts=a.restarts if a.restarts is not None else (2 if q else 5),
+        methods=list(a.methods),
+        protocols=list(a.protocols),
+        kind=a.kind,
+        device=a.device,
+        pretrain_overrides=list(a.pretrain_override),
+        build_overrides=list(a.build_override),
+        trace_python=not a.no_tracemalloc,
+    )
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    set_threads(a.threads)
+    s = settings_from_args(a)
+    if a.priors:
+        pri = ensure_data_env() / "priors"
+        s.build_overrides = [
+            f"priors.tf_targets={pri / 'collectri_human.csv'}",
+            f"priors.pathways={pri / 'progeny_human_top100.tsv'}",
+            *s.build_overrides,
+        ]
+    t0 = time.perf_counter()
+    sections = [load_dlpfc(x) for x in a.sections]
+    if "transfer" in s.protocols and len(sections) < 2:
+        s.protocols = [p for p in s.protocols if p != "transfer"]
+    tmp = None
+    if a.workdir:
+        workdir = Path(a.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="tg_bench_domains_")
+        workdir = Path(tmp)
+    try:
+        runs = run(sections, s, workdir)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    cols, rows, targets = summarise(runs, s)
+    notes = peer_notes()
+    notes.append(
+        "ARI on labelled spots only; all in-tissue spots are clustered. Memory: peak RSS of the "
+        "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines)."
+    )
+    dropped = sorted({d for r in runs for d in r.get("dropped_options", [])})
+    if dropped:
+        notes.append(f"tl.niches did not accept {dropped}: library defaults were used")
+    path = write_results(
+        results_path(NAME, a.quick, a.out),
+        benchmark=NAME,
+        title=TITLE,
+        quick=a.quick,
+        params={**asdict(s), "sections": a.sections, "elapsed_s": time.perf_counter() - t0},
+        extra=None
+        if a.quick
+        or (
+            s.steps >= FULL_STEPS
+            and len(s.seeds) >= 3
+            and set(a.sections) == set(SECTIONS)
+            and set(s.methods) == set(METHODS)
+            and set(s.protocols) == set(PROTOCOLS)
+        )
+        else {"mode": "reduced"},
+        runs=runs,
+        table=(cols, rows),
+        targets=targets,
+        notes=notes,
+    )
+    print_summary(TITLE, cols, rows, targets, notes)
+    print(f"\nwrote {path}")
+    return {"path": path, "runs": runs, "targets": targets}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Short CPU pretraining on a real DLPFC slide (151673, 256-gene panel, H&E patches)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tissuegraph.graph import schema as S
+
+STEPS = 200
+K = 30
+
+
+@pytest.fixture(scope="module")
+def dlpfc_graphs(dlpfc_dir, priors_dir, tmp_path_factory):
+    from tissuegraph.config import load_config
+    from tissuegraph.graph.config import BuildConfig, SlideSpec
+    from tissuegraph.graph.pipeline import build_graphs
+
+    out = tmp_path_factory.mktemp("dlpfc_graphs")
+    cfg = load_config(
+        BuildConfig,
+        None,
+        [
+            f"out_dir={out}",
+            "panel.n_top=256",
+            "patches.enabled=true",
+            "patches.crop_px=32",
+            f"priors.tf_targets={priors_dir / 'collectri_human.csv'}",
+            f"priors.pathways={priors_dir / 'progeny_human_top100.tsv'}",
+        ],
+    )
+    cfg.slides = [SlideSpec(name="151673", format="visium", path=str(dlpfc_dir))]
+    build_graphs(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dlpfc_run(dlpfc_graphs, tmp_path_factory):
+    from tissuegraph.train.loop import pretrain
+
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("dlpfc_run")
+    cfg = {
+        "graphs": str(dlpfc_graphs),
+        "run_dir": str(run),
+        "seed": 0,
+        "model": {
+            "hidden_dim": 32,
+            "expr_hidden_dim": 64,
+            "proj_dim": 32,
+            "dropout": 0.0,
+            "image_encoder": {"name": "test_resnet"},
+        },
+        "train": {
+            "max_steps": STEPS,
+            "batch_spots": 256,
+            "lr": 2e-3,
+            "warmup_steps": 10,
+            "log_every": 1,
+            "eval_every": STEPS,
+            "ckpt_every": 0,
+            "val_fraction": 0.2,
+            "tensorboard": False,
+        },
+    }
+    ckpt = pretrain(cfg, progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return ckpt, rows
+
+
+TERMS = ("contrastive", "patch_region", "localisation", "masked_expression")
+
+
+def test_every_term_finite_and_loss_decreases(dlpfc_run):
+    _, rows = dlpfc_run
+    assert len(rows) == STEPS
+    for t in ("loss", *TERMS):
+        v = np.array([r[t] for r in rows])
+        assert np.isfinite(v).all(), t
+    loss = np.array([r["loss"] for r in rows])
+    assert loss[-K:].mean() < 0.85 * loss[:K].mean()
+    me = np.array([r["masked_expression"] for r in rows])
+    assert me[-K:].mean() < 0.6 * me[:K].mean()
+
+
+def test_heldout_retrieval_above_chance(dlpfc_run):
+    _, rows = dlpfc_run
+    ev = rows[-1]
+    assert ev["val_retrieval_top1"] > 2 * ev["val_retrieval_chance"]
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="DLPFC has only a 600x600 lowres H&E (about 4 px per spot): the 32 px crops are "
+    "upsampled blur and 3x3 localisation stays near chance in a short CPU run",
+)
+def test_heldout_localisation_above_chance(dlpfc_run):
+    _, rows = dlpfc_run
+    assert rows[-1]["val_localisation_acc"] > 1 / 9
+
+
+def test_embed_real_slide(dlpfc_run, dlpfc_graphs):
+    from tissuegraph.graph.storage import load_graph, read_manifest
+    from tissuegraph.train.checkpoint import load_model
+    from tissuegraph.train.infer import embed_graph, predict_graph
+
+    ckpt, _ = dlpfc_run
+    model, info = load_model(ckpt)
+    man = read_manifest(dlpfc_graphs)
+    assert info["genes"] == man["genes"] and info["build_config"] == man["build_config"]
+    g = load_graph(dlpfc_graphs / man["slides"][0]["file"])
+    n = g[S.SPOT].num_nodes
+    e = embed_graph(model, g, kind="fused", batch_spots=1024, device="cpu")
+    assert e.shape == (n, 32) and np.isfinite(e).all() and (np.abs(e).sum(1) > 0).all()
+    p = predict_graph(model, g, batch_spots=1024, device="cpu")
+    x = g[S.SPOT][S.X].float().numpy()
+    # image + neighbour prediction beats the per-gene mean on the slide's spots
+    base = ((x - x.mean(0)) ** 2).mean()
+    assert ((p - x) ** 2).mean() < base

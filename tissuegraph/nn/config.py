@@ -1,0 +1,58 @@
+"""Configuration of the heterogeneous GNN (structured OmegaConf dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ImageEncoderConfig", "ModelConfig", "FUSIONS", "CONVS", "AGGRS"]
+
+FUSIONS = ("early", "middle", "late")
+CONVS = ("sage", "graphconv", "gatv2", "hgt")
+AGGRS = ("sum", "mean", "max")
+
+
+@dataclass
+class ImageEncoderConfig:
+    """The timm backbone that encodes ``img`` patches (shared by all scales).
+
+    ``name`` is any ``timm.list_models()`` name or ``hf-hub:<org>/<repo>``.
+    ``pretrained`` downloads the backbone's weights (needs network or a filled cache);
+    ``checkpoint_path`` loads a local state dict instead (classifier keys are ignored).
+    ``freeze`` keeps the backbone fixed (eval mode, no gradients). ``input_px`` resizes the
+    stored crops (e.g. 224 for a ViT trained at that size); ``null`` keeps them as stored.
+    Ignored when the graphs store ``feat`` (frozen features) instead of pixels: those go
+    through a linear projection.
+    """
+
+    name: str = "resnet10t"
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    freeze: bool = False
+    input_px: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The heterogeneous GNN.
+
+    ``conv``: ``sage`` (GraphSAGE, mean aggregation, ignores edge weights), ``graphconv``
+    (weighted mean aggregation with the relation's edge weight), ``gatv2`` (attention with the
+    edge weight as a 1-d edge feature), ``hgt`` (heterogeneous graph transformer, ignores edge
+    weights). ``aggr`` combines the relations arriving at one node type (not used by ``hgt``).
+    ``fusion``: ``early`` (image features concatenated to the spot input), ``middle`` (spot and
+    patch nodes exchange messages), ``late`` (separate expression and image branches joined
+    only in the final embedding).
+    """
+
+    name: str = "hetero_gnn"
+    hidden_dim: int = 128
+    n_layers: int = 2
+    conv: str = "sage"
+    heads: int = 2
+    aggr: str = "sum"
+    dropout: float = 0.1
+    fusion: str = "middle"
+    expr_hidden_dim: int = 256
+    proj_dim: int = 128
+    use_edge_weights: bool = True
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)

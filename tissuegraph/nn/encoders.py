@@ -1,0 +1,220 @@
+"""Node encoders: expression MLP (spots), timm image backbone or feature projection (patches),
+learned embeddings (genes, pathways)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tissuegraph.errors import ConfigError, InputError
+
+__all__ = [
+    "ExpressionEncoder",
+    "ImageEncoder",
+    "FeatureEncoder",
+    "create_backbone",
+    "check_timm_name",
+]
+
+
+class ExpressionEncoder(nn.Module):
+    r"""Two-layer MLP for the normalised expression of a spot.
+
+    .. math:: h = \mathrm{LN}(W_2\,\mathrm{GELU}(\mathrm{LN}(W_1 x)))
+
+    Spots whose expression is hidden (masked-expression modelling, or prediction from the
+    image alone) get a learned mask token instead.
+
+    Parameters
+    ----------
+    in_dim
+        Panel size ``G``.
+    hidden_dim, out_dim
+        Width of the hidden layer and of the output.
+
+    Shapes: ``x`` ``[N, G]`` (float16/float32), ``mask`` optional bool ``[N]`` -> ``[N, out_dim]``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, out_dim),
+            nn.LayerNorm(out_dim),
+        )
+        self.mask_token = nn.Parameter(torch.zeros(out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.net:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = self.net(x.float())
+        if mask is not None and bool(mask.any()):
+            h = torch.where(mask[:, None], self.mask_token.to(h.dtype).expand_as(h), h)
+        return h
+
+
+def check_timm_name(name: str) -> None:
+    """Raise a one-line :class:`ConfigError` for a name timm does not know."""
+    import timm
+
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        return
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ConfigError(
+        f"model.image_encoder.name={name!r} is not a timm model{hint} "
+        "(see timm.list_models(), or use hf-hub:<org>/<repo>)"
+    )
+
+
+def create_backbone(
+    name: str, *, pretrained: bool = False, checkpoint_path: str | None = None
+) -> nn.Module:
+    """``timm.create_model(name, pretrained=..., num_classes=0)`` plus local weights.
+
+    ``checkpoint_path`` is read with ``timm.models.load_state_dict`` (``.pth``/``.bin``/
+    ``.safetensors``; ``state_dict``/``model`` wrappers are unwrapped); classifier weights are
+    dropped, every other backbone weight must be present.
+    """
+    import timm
+
+    check_timm_name(name)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as exc:  # network, hub cache or bad kwargs
+        msg = str(exc).strip().splitlines()
+        raise InputError(
+            f"cannot create timm model {name!r} (pretrained={pretrained}): "
+            f"{msg[0][:200] if msg else type(exc).__name__}; without network set "
+            "model.image_encoder.pretrained=false or give a local checkpoint_path"
+        ) from exc
+    if checkpoint_path:
+        p = Path(checkpoint_path)
+        if not p.is_file():
+            raise InputError(f"model.image_encoder.checkpoint_path not found: {p}")
+        try:
+            state = timm.models.load_state_dict(str(p), use_ema=True, weights_only=True)
+        except Exception as exc:
+            raise InputError(
+                f"cannot read image encoder weights {p}: {str(exc).splitlines()[0][:200]}"
+            ) from exc
+        clf = model.pretrained_cfg.get("classifier") or "fc"
+        clf = [clf] if isinstance(clf, str) else list(clf)
+        state = {k: v for k, v in state.items() if not any(k.startswith(c + ".") for c in clf)}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch
+            raise InputError(
+                f"image encoder weights {p} do not fit timm model {name!r} "
+                f"({str(exc).strip().splitlines()[-1].strip()[:160]})"
+            ) from exc
+        if missing or unexpected:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise InputError(
+                f"image encoder weights {p} do not fit timm model {name!r} ({what}, "
+                f"{len(missing)} missing / {len(unexpected)} unexpected keys)"
+            )
+    return model
+
+
+class ImageEncoder(nn.Module):
+    r"""A timm backbone shared by all patch scales, plus a learned scale embedding.
+
+    .. math:: h = \mathrm{LN}(W f_\theta(\mathrm{norm}(I)) + e_{k})
+
+    Parameters
+    ----------
+    name, pretrained, checkpoint_path
+        Passed to :func:`create_backbone`.
+    out_dim
+        Output width.
+    n_scales
+        Number of patch scales (size of the scale embedding).
+    freeze
+        Keep the backbone fixed (no gradients, always in eval mode).
+    input_px
+        Resize crops to this side before the backbone (``None``: as stored).
+
+    Shapes: ``img`` uint8 ``[M, 3, S, S]``, ``scale`` int64 ``[M]`` -> ``[M, out_dim]``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        out_dim: int,
+        n_scales: int,
+        *,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        freeze: bool = False,
+        input_px: int | None = None,
+    ):
+        super().__init__()
+        self.backbone = create_backbone(
+            name, pretrained=pretrained, checkpoint_path=checkpoint_path
+        )
+        cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.freeze = bool(freeze)
+        self.input_px = input_px
+        if self.freeze:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+        self.proj = nn.Linear(self.backbone.num_features, out_dim)
+        self.scale_emb = nn.Embedding(max(1, n_scales), out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        nn.init.normal_(self.scale_emb.weight, std=0.02)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:
+            self.backbone.eval()
+        return self
+
+    def features(self, img: Tensor) -> Tensor:
+        """Backbone features of uint8 crops ``[M, 3, S, S]`` -> ``[M, F]``."""
+        x = (img.float() - self.mean) / self.std
+        if self.input_px and x.shape[-1] != self.input_px:
+            x = nn.functional.interpolate(
+                x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False
+            )
+        if self.freeze:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def forward(self, img: Tensor, scale: Tensor) -> Tensor:
+        return self.norm(self.proj(self.features(img)) + self.scale_emb(scale))
+
+
+class FeatureEncoder(nn.Module):
+    r"""Linear projection of stored frozen-encoder features plus a scale embedding.
+
+    Shapes: ``feat`` ``[M, D]`` (float16/float32), ``scale`` int64 ``[M]`` -> ``[M, out_dim]``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_scales: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.scale_emb = nn.Embedding(max(1, n_scales), out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        nn.init.normal_(self.scale_emb.weight, std=0.02)
+
+    def forward(self, feat: Tensor, scale: Tensor) -> Tensor:
+        return self.norm(self.proj(feat.float()) + self.scale_emb(scale))

@@ -1,0 +1,59 @@
+"""Heads on top of the GNN embeddings: contrastive projections, 3x3 localisation,
+expression decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ProjectionHead", "LocalisationHead", "ExpressionDecoder"]
+
+
+class ProjectionHead(nn.Module):
+    """``Linear -> GELU -> Linear`` into the contrastive space (CLIP/SimCLR style).
+
+    Shapes: ``[N, in_dim]`` -> ``[N, out_dim]`` (not normalised).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)
+
+
+class LocalisationHead(nn.Module):
+    """9-way classifier of a child patch's cell in its parent's 3x3 grid.
+
+    Shapes: ``child`` ``[E, D]``, ``parent`` ``[E, D]`` -> logits ``[E, 9]``.
+    """
+
+    def __init__(self, dim: int, n_cells: int = 9):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, n_cells)
+        )
+
+    def forward(self, child: Tensor, parent: Tensor) -> Tensor:
+        return self.net(torch.cat([child, parent], dim=-1))
+
+
+class ExpressionDecoder(nn.Module):
+    """MLP from a spot embedding to the panel's normalised expression.
+
+    Shapes: ``[N, D]`` -> ``[N, G]``.
+    """
+
+    def __init__(self, dim: int, n_genes: int, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or 2 * dim
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden_dim),
+            nn.GELU(),
+            nn.LayerNorm(hidden_dim),
+            nn.Linear(hidden_dim, n_genes),
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.net(h)

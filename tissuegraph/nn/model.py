@@ -1,0 +1,482 @@
+"""The tissuegraph model: encoders -> heterogeneous GNN -> fused / expression / image
+embeddings, with the pretraining heads; a registry and self-describing save/load."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch_geometric.data import HeteroData
+
+from tissuegraph._utils import atomic_path
+from tissuegraph.errors import ConfigError, InputError
+from tissuegraph.graph import schema as S
+from tissuegraph.nn.config import FUSIONS, ModelConfig
+from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
+from tissuegraph.nn.gnn import EdgeType, HeteroGNN
+from tissuegraph.nn.heads import ExpressionDecoder, LocalisationHead, ProjectionHead
+
+__all__ = [
+    "TissueGraphModel",
+    "register_model",
+    "build_model",
+    "list_models",
+    "model_config",
+    "data_spec",
+    "check_data_spec",
+    "merge_data_specs",
+    "edge_scalars",
+    "save_model",
+    "load_model",
+    "resolve_model_config",
+]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Class decorator: make a model buildable by ``build_model(name, cfg, data_spec)``.
+
+    The class must accept ``(cfg: dict, data_spec: dict, *, load_backbone_weights: bool)``.
+    """
+
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return sorted(_REGISTRY)
+
+
+def resolve_model_config(cfg: Any) -> dict:
+    """``ModelConfig`` defaults <- ``cfg`` (dataclass, DictConfig or dict), validated, as dict."""
+    base = OmegaConf.structured(ModelConfig)
+    try:
+        merged = OmegaConf.merge(base, cfg if cfg is not None else {})
+    except Exception as exc:
+        raise ConfigError(f"invalid model config: {str(exc).splitlines()[0]}") from exc
+    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+
+
+def build_model(
+    name: str | None, cfg: Any, data_spec: dict, *, load_backbone_weights: bool = True
+) -> nn.Module:
+    """Build a registered model.
+
+    Parameters
+    ----------
+    name
+        Registry name (``None``: ``cfg.name``).
+    cfg
+        A :class:`~tissuegraph.nn.config.ModelConfig` (or dict / DictConfig with its fields).
+    data_spec
+        What the graphs provide (:func:`data_spec`).
+    load_backbone_weights
+        Load pretrained / ``checkpoint_path`` image-encoder weights (``False`` when the weights
+        come from a tissuegraph checkpoint anyway).
+    """
+    c = resolve_model_config(cfg)
+    name = name or c["name"]
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"model.name={name!r} is not a registered model (known: {', '.join(list_models())})"
+        )
+    c["name"] = name
+    return _REGISTRY[name](c, dict(data_spec), load_backbone_weights=load_backbone_weights)
+
+
+def model_config(model: nn.Module) -> dict:
+    """``{"name", "cfg", "data_spec"}``: everything needed to rebuild ``model``."""
+    m = getattr(model, "module", model)  # DDP / compiled wrappers
+    m = getattr(m, "_orig_mod", m)
+    return {"name": m.registry_name, "cfg": dict(m.cfg), "data_spec": dict(m.data_spec)}
+
+
+# ----------------------------------------------------------------------------- data spec
+def data_spec(data: HeteroData) -> dict:
+    """What a graph (or tile) provides to the model: panel size, patch input, edge types.
+
+    Returns a JSON-serialisable dict: ``schema_version``, ``n_genes``, ``n_pathways``,
+    ``n_scales``, ``patch_input`` (``"img"``, ``"feat"`` or ``None``), ``crop_px``,
+    ``feat_dim``, ``edge_types`` (sorted ``[src, rel, dst]`` lists).
+    """
+    if S.SPOT not in data.node_types or S.X not in data[S.SPOT]:
+        raise InputError(
+            "graph has no spot nodes with expression 'x' (see tissuegraph.graph.schema)"
+        )
+    meta = getattr(data, "meta", None) or {}
+    patches = S.patch_types(data)
+    patch_input, crop_px, feat_dim = None, 0, 0
+    if patches:
+        p0 = data[patches[0]]
+        if S.IMG in p0:
+            patch_input, crop_px = "img", int(p0[S.IMG].shape[-1])
+        elif S.FEAT in p0:
+            patch_input, feat_dim = "feat", int(p0[S.FEAT].shape[-1])
+        else:
+            raise InputError(f"{patches[0]} nodes have neither 'img' nor 'feat'")
+    n_pw = _num_nodes(data, S.PATHWAY)
+    return {
+        "schema_version": int(meta.get("schema_version", S.SCHEMA_VERSION)),
+        "n_genes": int(data[S.SPOT][S.X].shape[1]),
+        "n_pathways": int(n_pw or 0),
+        "n_scales": len(patches),
+        "patch_input": patch_input,
+        "crop_px": crop_px,
+        "feat_dim": feat_dim,
+        "edge_types": sorted([list(et) for et in data.edge_types]),
+    }
+
+
+def _num_nodes(data: HeteroData, node_type: str) -> int:
+    if node_type not in data.node_types:
+        return 0
+    store = data[node_type]
+    if S.INDEX in store:
+        return int(store[S.INDEX].shape[0])
+    return int(store.num_nodes or 0)
+
+
+def merge_data_specs(specs: list[dict], names: list[str] | None = None) -> dict:
+    """One spec for several slides: panel and patch input must agree; edge types are joined."""
+    names = names or [str(i) for i in range(len(specs))]
+    first = dict(specs[0])
+    for spec, name in zip(specs[1:], names[1:]):
+        for key in (
+            "schema_version",
+            "n_genes",
+            "n_pathways",
+            "n_scales",
+            "patch_input",
+            "crop_px",
+            "feat_dim",
+        ):
+            if spec[key] != first[key]:
+                raise InputError(
+                    f"slide {name!r} differs from slide {names[0]!r} in {key} "
+                    f"({spec[key]} vs {first[key]}): build all slides in one build-graphs run"
+                )
+    ets = {tuple(e) for s in specs for e in s["edge_types"]}
+    first["edge_types"] = sorted([list(e) for e in ets])
+    return first
+
+
+def check_data_spec(model_spec: dict, spec: dict, *, what: str = "graph") -> None:
+    """Raise a one-line :class:`InputError` when ``spec`` (a graph) does not fit the model."""
+    for key in (
+        "schema_version",
+        "n_genes",
+        "n_pathways",
+        "n_scales",
+        "patch_input",
+        "crop_px",
+        "feat_dim",
+    ):
+        if model_spec.get(key) != spec.get(key):
+            raise InputError(
+                f"{what} does not match the model: {key} is {spec.get(key)} but the model was "
+                f"built for {model_spec.get(key)} (build the graph with the checkpoint's "
+                "build config and panel)"
+            )
+    extra = {tuple(e) for e in spec["edge_types"]} - {tuple(e) for e in model_spec["edge_types"]}
+    if extra:
+        raise InputError(
+            f"{what} has edge type(s) the model was not trained with: {sorted(extra)[:3]}"
+        )
+
+
+def edge_scalars(data: HeteroData) -> dict[EdgeType, Tensor]:
+    """One scalar per edge for every relation (the edge weight used by the convolutions).
+
+    - ``(spot, near, spot)``: proximity ``d_0 / d`` (1 for the nearest ring, 1/2 for the second),
+      with ``d_0`` the slide's median neighbour distance (``data.near_scale``) or the tile's;
+    - relations with ``edge_weight`` (expresses, regulates (signed), member_of): that weight;
+    - others (of, in, binds and their reverses): 1.
+    """
+    out = {}
+    for et in data.edge_types:
+        store = data[et]
+        n = store.edge_index.shape[1]
+        dev = store.edge_index.device
+        if et == S.SPOT_NEAR_SPOT and S.EDGE_ATTR in store:
+            d = store[S.EDGE_ATTR].view(-1).float()
+            scale = getattr(data, "near_scale", None)
+            if scale is None:
+                scale = float(d.median()) if d.numel() else 1.0
+            out[et] = (float(scale) / d.clamp_min(1e-3)).clamp(max=4.0)
+        elif S.EDGE_WEIGHT in store:
+            out[et] = store[S.EDGE_WEIGHT].view(-1).float()
+        else:
+            out[et] = torch.ones(n, device=dev)
+    return out
+
+
+# ----------------------------------------------------------------------------- the model
+def _fuse(dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+
+@register_model("hetero_gnn")
+class TissueGraphModel(nn.Module):
+    r"""Encoders, heterogeneous GNN and pretraining heads.
+
+    Node inputs: ``spot.x`` ``[N, G]`` (+ optional bool ``spot.x_mask`` ``[N]``: expression
+    hidden), ``patch_k.img`` uint8 ``[M_k, 3, S, S]`` or ``patch_k.feat`` ``[M_k, D]``,
+    ``gene.index`` ``[G]``, ``pathway.index`` ``[P]``; the schema's edge types.
+    Row ``i`` of ``patch_0`` belongs to spot ``i``.
+
+    ``forward(data)`` returns a dict:
+
+    - ``enc``: {node type: ``[n, D]``} encoder outputs (before message passing);
+    - ``h``: {node type: ``[n, D]``} embeddings after message passing;
+    - ``expr``: ``[N, D]`` expression-side spot embedding;
+    - ``image``: ``[N, D]`` image-side spot embedding (its ``patch_0``) or ``None``;
+    - ``fused``: ``[N, D]`` the spot embedding used for analysis.
+
+    Fusion: ``middle`` — spots and patches are separate node types exchanging messages;
+    ``expr = h[spot]``, ``image = h[patch_0]``, ``fused = MLP([expr, image])``.
+    ``late`` — an expression branch (spot/gene/pathway relations) and an image branch (patch
+    relations) with separate GNNs; same read-out. ``early`` — ``patch_0`` features are
+    concatenated to the spot input and ``patch_0`` is not a node; ``fused = h[spot]``, and the
+    modality-specific embeddings are the encoder outputs.
+    """
+
+    registry_name = "hetero_gnn"
+
+    def __init__(self, cfg: dict, data_spec: dict, *, load_backbone_weights: bool = True):
+        super().__init__()
+        self.cfg = resolve_model_config(cfg)
+        self.data_spec = dict(data_spec)
+        c, spec = self.cfg, self.data_spec
+        if c["fusion"] not in FUSIONS:
+            raise ConfigError(f"model.fusion={c['fusion']!r} is not one of {', '.join(FUSIONS)}")
+        if c["n_layers"] < 1 or c["hidden_dim"] < 1:
+            raise ConfigError("model.n_layers and model.hidden_dim must be >= 1")
+        d = c["hidden_dim"]
+        self.dim = d
+        self.fusion = c["fusion"]
+        self.n_genes = spec["n_genes"]
+        self.n_scales = spec["n_scales"] if spec["patch_input"] else 0
+        self.patch_types = [S.patch(k) for k in range(self.n_scales)]
+        self.has_pathways = spec["n_pathways"] > 0
+        edge_types = [tuple(e) for e in spec["edge_types"]]
+
+        # encoders
+        self.expr_encoder = ExpressionEncoder(self.n_genes, c["expr_hidden_dim"], d, c["dropout"])
+        self.gene_emb = nn.Embedding(max(1, self.n_genes), d)
+        self.pathway_emb = (
+            nn.Embedding(max(1, spec["n_pathways"]), d) if self.has_pathways else None
+        )
+        self.image_encoder: nn.Module | None = None
+        ie = c["image_encoder"]
+        if spec["patch_input"] == "img":
+            self.image_encoder = ImageEncoder(
+                ie["name"],
+                d,
+                self.n_scales,
+                pretrained=bool(ie["pretrained"]) and load_backbone_weights,
+                checkpoint_path=ie["checkpoint_path"] if load_backbone_weights else None,
+                freeze=ie["freeze"],
+                input_px=ie["input_px"],
+            )
+        elif spec["patch_input"] == "feat":
+            self.image_encoder = FeatureEncoder(spec["feat_dim"], d, self.n_scales)
+        nn.init.normal_(self.gene_emb.weight, std=0.1)
+        if self.pathway_emb is not None:
+            nn.init.normal_(self.pathway_emb.weight, std=0.1)
+
+        gnn_kw = dict(
+            conv=c["conv"],
+            heads=c["heads"],
+            aggr=c["aggr"],
+            dropout=c["dropout"],
+            use_edge_weights=c["use_edge_weights"],
+        )
+        molecular = [S.SPOT, S.GENE] + ([S.PATHWAY] if self.has_pathways else [])
+        has_img = self.image_encoder is not None
+        self.gnn_image: HeteroGNN | None = None
+        self.early_input = None
+        self.fuse = None
+        if self.fusion == "late" and has_img:
+            e_expr = [et for et in edge_types if et[0] in molecular and et[2] in molecular]
+            e_img = [et for et in edge_types if S.is_patch(et[0]) and S.is_patch(et[2])]
+            self.gnn = HeteroGNN(molecular, e_expr, d, c["n_layers"], **gnn_kw)
+            if e_img:
+                self.gnn_image = HeteroGNN(self.patch_types, e_img, d, c["n_layers"], **gnn_kw)
+            self.fuse = _fuse(d)
+        elif self.fusion == "early" and has_img:
+            nodes = molecular + self.patch_types[1:]
+            ets = sorted({self._early_edge(et) for et in edge_types} - {None})
+            ets = [et for et in ets if et[0] in nodes and et[2] in nodes]
+            self.gnn = HeteroGNN(nodes, ets, d, c["n_layers"], **gnn_kw)
+            self.early_input = nn.Sequential(nn.Linear(2 * d, d), nn.LayerNorm(d))
+        else:
+            nodes = molecular + self.patch_types
+            ets = [et for et in edge_types if et[0] in nodes and et[2] in nodes]
+            self.gnn = HeteroGNN(nodes, ets, d, c["n_layers"], **gnn_kw)
+            if has_img:
+                self.fuse = _fuse(d)
+
+        # heads
+        p = c["proj_dim"]
+        self.proj_expr = ProjectionHead(d, p)
+        self.proj_image = ProjectionHead(d, p)
+        self.proj_child = ProjectionHead(d, p)
+        self.proj_parent = ProjectionHead(d, p)
+        self.loc_head = LocalisationHead(d, S.N_LOC)
+        self.decoder = ExpressionDecoder(d, self.n_genes)
+        init = math.log(1 / 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(init))
+        self.logit_scale_region = nn.Parameter(torch.tensor(init))
+
+    # -- helpers
+    @staticmethod
+    def _early_edge(et: EdgeType) -> EdgeType | None:
+        p0 = S.patch(0)
+        if et in (S.PATCH0_OF_SPOT, S.SPOT_REV_OF_PATCH0):
+            return None
+        return tuple(S.SPOT if t == p0 else t for t in et)  # type: ignore[return-value]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg["n_layers"])
+
+    def encode_nodes(self, data: HeteroData) -> dict[str, Tensor]:
+        """Encoder outputs (before message passing) for every node type in ``data``."""
+        spot = data[S.SPOT]
+        mask = spot.get("x_mask", None)
+        enc = {S.SPOT: self.expr_encoder(spot[S.X], mask)}
+        dev = enc[S.SPOT].device
+        gidx = (
+            data[S.GENE][S.INDEX]
+            if S.GENE in data.node_types
+            else torch.arange(self.n_genes, device=dev)
+        )
+        enc[S.GENE] = self.gene_emb(gidx)
+        if self.has_pathways and S.PATHWAY in data.node_types:
+            enc[S.PATHWAY] = self.pathway_emb(data[S.PATHWAY][S.INDEX])
+        if self.image_encoder is not None:
+            types = [t for t in self.patch_types if t in data.node_types]
+            attr = S.IMG if self.data_spec["patch_input"] == "img" else S.FEAT
+            xs = [data[t][attr] for t in types]
+            sizes = [x.shape[0] for x in xs]
+            scale = torch.cat(
+                [
+                    torch.full((n,), S.patch_level(t), dtype=torch.long, device=dev)
+                    for t, n in zip(types, sizes)
+                ]
+            )
+            z = self.image_encoder(torch.cat(xs, 0), scale)
+            for t, part in zip(types, torch.split(z, sizes)):
+                enc[t] = part
+        return enc
+
+    def forward(self, data: HeteroData) -> dict[str, Any]:
+        enc = self.encode_nodes(data)
+        eidx = dict(data.edge_index_dict)
+        esc = edge_scalars(data) if self.cfg["use_edge_weights"] else None
+        image = None
+        if self.fusion == "early" and self.early_input is not None:
+            h_in = dict(enc)
+            h_in[S.SPOT] = self.early_input(torch.cat([enc[S.SPOT], enc[S.patch(0)]], -1))
+            h_in.pop(S.patch(0))
+            e2, s2 = {}, {}
+            for et, ei in eidx.items():
+                new = self._early_edge(et)
+                if new is not None:
+                    e2[new] = ei
+                    if esc is not None:
+                        s2[new] = esc[et]
+            h = self.gnn(h_in, e2, s2 if esc is not None else None)
+            h[S.patch(0)] = h[S.SPOT]
+            expr, image, fused = enc[S.SPOT], enc[S.patch(0)], h[S.SPOT]
+        else:
+            h = self.gnn(enc, eidx, esc)
+            if self.gnn_image is not None:
+                h.update(self.gnn_image(enc, eidx, esc))
+            elif self.fusion == "late":
+                h.update({t: enc[t] for t in self.patch_types if t in enc})
+            expr = h[S.SPOT]
+            if self.fuse is not None and S.patch(0) in h:
+                image = h[S.patch(0)]
+                fused = self.fuse(torch.cat([expr, image], -1))
+            else:
+                fused = expr
+        return {"enc": enc, "h": h, "expr": expr, "image": image, "fused": fused}
+
+    def predict_expression(self, fused: Tensor) -> Tensor:
+        """Decoded normalised expression ``[N, G]`` from fused embeddings ``[N, D]``."""
+        return self.decoder(fused)
+
+    def temperature(self, region: bool = False, min_temperature: float = 0.01) -> Tensor:
+        """Current contrastive temperature ``1 / exp(logit_scale)`` (clamped)."""
+        ls = self.logit_scale_region if region else self.logit_scale
+        return 1.0 / ls.clamp(max=math.log(1 / min_temperature)).exp()
+
+
+# ----------------------------------------------------------------------------- save/load
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``{"model_config", "state_dict"}`` (atomically); :func:`load_model` rebuilds it."""
+    m = getattr(model, "module", model)
+    m = getattr(m, "_orig_mod", m)
+    obj = {"model_config": model_config(m), "state_dict": m.state_dict()}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def load_model(path_or_obj, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a file written by :func:`save_model` or a training checkpoint.
+
+    Read with ``torch.load(weights_only=True)``; the image backbone is created without
+    downloading weights (they are in the file). Returns the model in eval mode.
+    """
+    if isinstance(path_or_obj, dict):
+        obj = path_or_obj
+        where = "checkpoint"
+    else:
+        p = Path(path_or_obj)
+        where = str(p)
+        if not p.is_file():
+            raise InputError(f"checkpoint not found: {p}")
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InputError(
+                f"{p} is not a tissuegraph checkpoint (refused by the safe loader: "
+                f"{str(exc).strip().splitlines()[0][:160]})"
+            ) from exc
+    if not isinstance(obj, dict) or "model_config" not in obj:
+        raise InputError(f"{where} is not a tissuegraph checkpoint (no 'model_config')")
+    mc = obj["model_config"]
+    state = obj.get("state_dict", obj.get("model"))
+    if state is None:
+        raise InputError(f"{where} holds no model weights")
+    model = build_model(mc["name"], mc["cfg"], mc["data_spec"], load_backbone_weights=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise InputError(
+            f"{where} does not match the model it describes: "
+            f"{str(exc).strip().splitlines()[-1].strip()[:200]}"
+        ) from exc
+    if missing or unexpected:
+        raise InputError(
+            f"{where} does not match the model it describes ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[:2]})"
+        )
+    return model.to(device).eval()

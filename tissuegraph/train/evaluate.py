@@ -1,0 +1,133 @@
+"""Held-out evaluation: losses, localisation accuracy and image <-> expression retrieval."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tissuegraph.graph import schema as S
+from tissuegraph.train.objectives import Objectives, apply_masks
+
+__all__ = ["evaluate", "localisation_accuracy", "retrieval_top1"]
+
+
+def _model_of(m):
+    m = getattr(m, "module", m)
+    return getattr(m, "_orig_mod", m)
+
+
+@torch.no_grad()
+def localisation_accuracy(
+    model, tile, per_level: dict | None = None
+) -> tuple[int, int, np.ndarray]:
+    """Correct and total 3x3 localisation predictions in one tile (+ the targets).
+
+    ``per_level`` (optional dict) accumulates ``{k: [correct, total]}`` per child scale ``k``.
+    """
+    out = model(tile)
+    correct, total, targets = 0, 0, []
+    for k in range(model.n_scales - 1):
+        et = S.patch_in_parent(k)
+        if et not in tile.edge_types or tile[et].edge_index.shape[1] == 0:
+            continue
+        ei, loc = tile[et].edge_index, tile[et][S.LOC]
+        pred = model.loc_head(out["h"][S.patch(k)][ei[0]], out["h"][S.patch(k + 1)][ei[1]]).argmax(
+            -1
+        )
+        correct += int((pred == loc).sum())
+        total += int(loc.numel())
+        if per_level is not None:
+            acc = per_level.setdefault(k, [0, 0])
+            acc[0] += int((pred == loc).sum())
+            acc[1] += int(loc.numel())
+        targets.append(loc.cpu().numpy())
+    return correct, total, np.concatenate(targets) if targets else np.zeros(0, np.int64)
+
+
+@torch.no_grad()
+def retrieval_top1(model, tile) -> tuple[int, int, float]:
+    """Image -> expression top-1 retrieval among the tile's core spots.
+
+    Every core spot is an anchor (its own ``patch_0 <-> spot`` edges removed, as in training);
+    returns (hits, queries, chance = 1 / n_candidates).
+    """
+    g = torch.Generator().manual_seed(0)
+    tile = apply_masks(
+        tile,
+        mask_ratio=0.0,
+        anchor_fraction=1.0,
+        generator=g,
+        cut_identity=model.fusion == "middle",
+    )
+    out = model(tile)
+    if out["image"] is None:
+        return 0, 0, 0.0
+    a = tile[S.SPOT]["anchor"]
+    n = int(a.sum())
+    if n < 2:
+        return 0, 0, 0.0
+    ze = F.normalize(model.proj_expr(out["expr"][a]).float(), dim=-1)
+    zi = F.normalize(model.proj_image(out["image"][a]).float(), dim=-1)
+    hits = int(((zi @ ze.T).argmax(-1) == torch.arange(n, device=ze.device)).sum())
+    return hits, n, 1.0 / n
+
+
+@torch.no_grad()
+def evaluate(model, sampler, obj_cfg, device, *, max_tiles: int = 32, autocast=None) -> dict:
+    """Metrics on the sampler's held-out tiles.
+
+    Returns ``val_loss`` and ``val_<term>`` (deterministic masks), ``val_localisation_acc`` and
+    ``val_localisation_majority`` (accuracy of always predicting the most frequent cell),
+    ``val_localisation_acc_k`` (children at scale ``k`` only), ``val_retrieval_top1`` and
+    ``val_retrieval_chance``.
+    """
+    m = _model_of(model)
+    was = m.training
+    m.eval()
+    ctx = autocast or contextlib.nullcontext
+    obj = Objectives(m, obj_cfg)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    lc = lt = rh = rq = 0
+    chance = []
+    targets = []
+    levels: dict = {}
+    for i, (s, core) in enumerate(sampler.val_tiles[:max_tiles]):
+        with ctx():
+            tile = sampler.build(s, core, train=False)
+            g = torch.Generator().manual_seed(10007 + i)
+            t1 = apply_masks(
+                tile.clone(),
+                mask_ratio=obj_cfg.mask_ratio,
+                anchor_fraction=obj_cfg.contrastive_fraction,
+                generator=g,
+                cut_identity=m.fusion == "middle",
+            ).to(device)
+            for k, v in obj(t1).items():
+                if k == "temperature":
+                    continue
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
+            c, t, tg = localisation_accuracy(m, tile.clone().to(device), levels)
+            lc, lt = lc + c, lt + t
+            targets.append(tg)
+            h, q, ch = retrieval_top1(m, tile.to(device))
+            rh, rq = rh + h, rq + q
+            if q:
+                chance.append((ch, q))
+    m.train(was)
+    res = {f"val_{k}": sums[k] / counts[k] for k in sums}
+    if lt:
+        tg = np.concatenate(targets)
+        res["val_localisation_acc"] = lc / lt
+        res["val_localisation_majority"] = float(np.bincount(tg, minlength=9).max() / len(tg))
+        for k, (c, n) in sorted(levels.items()):
+            if n:
+                res[f"val_localisation_acc_{k}"] = c / n
+    if rq:
+        res["val_retrieval_top1"] = rh / rq
+        res["val_retrieval_chance"] = sum(c * q for c, q in chance) / rq
+    return res

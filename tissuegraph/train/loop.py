@@ -1,0 +1,493 @@
+"""The pretraining loop: spatial tiles, AdamW + warm-up + cosine, AMP, DDP, checkpoints, logs.
+
+Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m tissuegraph pretrain --config FILE``
+(``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment turn on DDP: NCCL on CUDA,
+gloo on CPU; each rank draws different tiles; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tissuegraph import __version__
+from tissuegraph.config import save_config, to_dict
+from tissuegraph.errors import ConfigError, InputError, TissueGraphError
+from tissuegraph.graph import schema as S
+from tissuegraph.nn.model import (
+    build_model,
+    check_data_spec,
+    data_spec,
+    merge_data_specs,
+    model_config,
+)
+from tissuegraph.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tissuegraph.train.config import PretrainConfig
+from tissuegraph.train.evaluate import evaluate
+from tissuegraph.train.objectives import TERMS, Objectives, apply_masks
+from tissuegraph.train.sampler import SlideIndex, TileSampler
+
+__all__ = ["pretrain", "Trainer", "load_graph_dir", "resolve_device"]
+
+CKPT_DIR = "checkpoints"
+LAST = "last.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if device == "auto":
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"train.device={device!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but CUDA is not available: use train.device=cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def load_graph_dir(path: str | os.PathLike) -> tuple[dict, list, list[str]]:
+    """The manifest, the graphs and slide names of a ``build-graphs`` output folder."""
+    from tissuegraph.graph.storage import load_graph, read_manifest
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"graphs={p} is not a folder: run tissuegraph build-graphs first")
+    if not (p / S.MANIFEST).is_file():
+        raise InputError(f"graphs={p} has no {S.MANIFEST}: point graphs= at a build-graphs out_dir")
+    manifest = read_manifest(p)
+    sv = manifest.get("schema_version")
+    if sv != S.SCHEMA_VERSION:
+        raise InputError(
+            f"{p / S.MANIFEST}: schema_version {sv} but this tissuegraph reads "
+            f"{S.SCHEMA_VERSION}: rebuild the graphs with this version"
+        )
+    slides = manifest.get("slides") or []
+    if not slides:
+        raise InputError(f"{p / S.MANIFEST} lists no slides")
+    graphs, names = [], []
+    for s in slides:
+        g = load_graph(p / s["file"])
+        if S.SPOT not in g.node_types or S.X not in g[S.SPOT] or S.POS not in g[S.SPOT]:
+            raise InputError(
+                f"{p / s['file']}: no spot nodes with x and pos (see the graph schema)"
+            )
+        if int(g[S.SPOT][S.X].shape[1]) != len(manifest.get("genes", [])):
+            raise InputError(
+                f"{p / s['file']}: {g[S.SPOT][S.X].shape[1]} expression columns but the "
+                f"manifest lists {len(manifest.get('genes', []))} genes"
+            )
+        graphs.append(g)
+        names.append(s["name"])
+    return manifest, graphs, names
+
+
+def _as_config(cfg) -> DictConfig:
+    base = OmegaConf.structured(PretrainConfig)
+    try:
+        return OmegaConf.merge(
+            base, cfg if not isinstance(cfg, PretrainConfig) else OmegaConf.structured(cfg)
+        )
+    except Exception as exc:
+        raise ConfigError(f"invalid pretrain config: {str(exc).splitlines()[0]}") from exc
+
+
+def _validate(cfg: DictConfig) -> None:
+    t, o = cfg.train, cfg.objectives
+    if t.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1")
+    if t.batch_spots < 2:
+        raise ConfigError("train.batch_spots must be >= 2")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
+    if not 0.0 <= t.val_fraction < 1.0:
+        raise ConfigError("train.val_fraction must be in [0, 1)")
+    if not 0.0 <= o.mask_ratio < 1.0 or not 0.0 <= o.contrastive_fraction <= 1.0:
+        raise ConfigError("objectives.mask_ratio must be in [0, 1), contrastive_fraction in [0, 1]")
+    if all(float(getattr(o, k)) <= 0 for k in TERMS):
+        raise ConfigError("all objective weights are 0: nothing to train")
+    if o.temperature_min <= 0:
+        raise ConfigError("objectives.temperature_min must be > 0")
+
+
+def _lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+class Trainer:
+    """Sets everything up (validating input before anything is written); :meth:`fit` trains.
+
+    Attributes: ``model`` (the bare model), ``sampler``, ``step``, ``run_dir``, ``rank``,
+    ``world_size``, ``device``.
+    """
+
+    def __init__(self, cfg, *, resume: bool = False, progress: bool = True):
+        cfg = _as_config(cfg)
+        _validate(cfg)
+        self.cfg, self.progress, self.resume = cfg, progress, resume
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_path = self.run_dir / CKPT_DIR / LAST
+
+        # distributed
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        self.device = resolve_device(cfg.train.device, self.local_rank)
+
+        # input (nothing written yet)
+        self.manifest, graphs, self.slide_names = load_graph_dir(cfg.graphs)
+        spec = merge_data_specs([data_spec(g) for g in graphs], self.slide_names)
+        self.build_info = {
+            "build_config": self.manifest.get("build_config", {}),
+            "genes": list(self.manifest.get("genes", [])),
+            "pathways": list(self.manifest.get("pathways", [])),
+            "schema_version": self.manifest.get("schema_version"),
+            "config_hash": self.manifest.get("config_hash"),
+        }
+        ckpt = None
+        if resume:
+            ckpt = read_checkpoint(self.ckpt_path)
+            self._check_resume(ckpt, spec)
+        elif self.ckpt_path.exists():
+            raise ConfigError(
+                f"{self.ckpt_path} exists: pass --resume to continue it or choose another run_dir"
+            )
+
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model_cfg = ckpt["model_config"]["cfg"] if ckpt else cfg.model
+        self.model = build_model(None, model_cfg, spec, load_backbone_weights=ckpt is None)
+        self.objectives = Objectives(self.model, cfg.objectives)
+        if not self.objectives.active():
+            raise ConfigError(
+                "no objective can be computed on these graphs (image terms need patches: "
+                "set objectives.masked_expression > 0 or build graphs with patches)"
+            )
+        self.indices = [SlideIndex(g, n) for g, n in zip(graphs, self.slide_names)]
+        self.sampler = TileSampler(
+            self.indices,
+            cfg.train.batch_spots,
+            self.model.n_layers,
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            val_fraction=cfg.train.val_fraction,
+        )
+        self.model.to(self.device)
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "emb" not in n else no_decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.train.lr,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            _lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
+        )
+        self.step = 0
+        self._rng_to_restore = None
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.sampler.load_state_dict(ckpt["sampler"])
+            self.step = int(ckpt["step"])
+            rngs = ckpt.get("rng") or []
+            if rngs:
+                same_world = int(ckpt.get("world_size", 1)) == self.world_size
+                self._rng_to_restore = (
+                    rngs[self.rank] if same_world and self.rank < len(rngs) else rngs[0]
+                )
+        self.precision = cfg.train.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.module: torch.nn.Module = self.objectives
+        if cfg.train.compile:
+            self.module = torch.compile(self.objectives, dynamic=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_resume(self, ckpt: dict, spec: dict) -> None:
+        where = str(self.ckpt_path)
+        build = ckpt.get("build", {}) or {}
+        if build.get("schema_version") != self.build_info["schema_version"]:
+            raise InputError(
+                f"{where} was trained on schema_version {build.get('schema_version')}, graphs "
+                f"have {self.build_info['schema_version']}"
+            )
+        if list(build.get("genes", [])) != self.build_info["genes"]:
+            raise InputError(
+                f"{where} was trained on a different gene panel ({len(build.get('genes', []))} "
+                f"genes) than graphs={self.cfg.graphs} ({len(self.build_info['genes'])}): "
+                "resume on graphs built with the same panel"
+            )
+        check_data_spec(ckpt["model_config"]["data_spec"], spec, what=f"graphs={self.cfg.graphs}")
+        old = ckpt.get("config", {})
+        new = to_dict(self.cfg)
+        for key in ("model", "objectives", "seed"):
+            if not _same(old.get(key), new.get(key)):
+                raise ConfigError(
+                    f"cannot resume {where}: config field {key!r} differs from the checkpoint's"
+                )
+        for key in ("batch_spots", "val_fraction"):
+            if old.get("train", {}).get(key) != new["train"][key]:
+                raise ConfigError(
+                    f"cannot resume {where}: train.{key} differs from the checkpoint's "
+                    f"({old.get('train', {}).get(key)})"
+                )
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _tile(self, step: int):
+        s, core = self.sampler.next_tile()
+        tile = self.sampler.build(s, core, train=True)
+        o = self.cfg.objectives
+        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.rank * 7_919 + step)
+        tile = apply_masks(
+            tile,
+            mask_ratio=o.mask_ratio if o.masked_expression > 0 else 0.0,
+            anchor_fraction=o.contrastive_fraction if o.contrastive > 0 else 0.0,
+            generator=g,
+            cut_identity=self.model.fusion == "middle",
+        )
+        return tile
+
+    def _checkpoint(self, path: Path, rngs: list) -> None:
+        obj = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": rngs,
+            "sampler": self.sampler.state_dict(),
+            "config": to_dict(self.cfg),
+            "model_config": model_config(self.model),
+            "build": self.build_info,
+            "tissuegraph_version": __version__,
+            "world_size": self.world_size,
+        }
+        save_checkpoint(obj, path)
+
+    def _gather_rng(self) -> list:
+        st = rng_state()
+        if not self.distributed:
+            return [st]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, st)
+        return out
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> Path:
+        """Train to ``train.max_steps``; returns the path of ``checkpoints/last.pt``."""
+        import torch.distributed as dist
+
+        own_group = False
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            own_group = True
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            return self._fit(dist)
+        finally:
+            if own_group:
+                dist.destroy_process_group()
+
+    def _fit(self, dist) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        main = self.rank == 0
+        module = self.module
+        if self.distributed:
+            module = torch.nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        # seeds per rank (dropout); a resumed run restores the saved states instead
+        torch.manual_seed(int(cfg.seed) + 1 + self.rank)
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+        metrics_path = self.run_dir / METRICS
+        writer = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / S.RESOLVED_CONFIG)
+            if self.resume and metrics_path.exists():  # drop rows after the checkpoint
+                rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+                rows = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
+                from tissuegraph._utils import write_text_atomic
+
+                write_text_atomic(metrics_path, "".join(r + "\n" for r in rows))
+            elif not self.resume and metrics_path.exists():
+                metrics_path.unlink()
+            if t.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+                except Exception:
+                    writer = None
+        bar = None
+        if main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=t.max_steps,
+                initial=self.step,
+                desc="pretrain",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        self.model.train()
+        n_spots, t0 = 0, time.perf_counter()
+        last_eval: dict = {}
+        try:
+            while self.step < t.max_steps:
+                tile = self._tile(self.step).to(self.device)
+                with self._autocast():
+                    losses = module(tile)
+                bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
+                flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+                if self.distributed:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() > 0:
+                    name = bad[0] if bad else "on another rank"
+                    raise TissueGraphError(
+                        f"non-finite loss term {name!r} at step {self.step + 1} "
+                        f"({ {k: float(v.detach()) for k, v in losses.items()} }): lower train.lr, raise "
+                        "train.warmup_steps or use train.precision=fp32"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if t.grad_clip and t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                n_spots += int(tile[S.SPOT]["core"].sum())
+                at_end = self.step == t.max_steps
+                row = None
+                if self.step % max(1, t.log_every) == 0 or at_end:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    row = {"step": self.step}
+                    row.update({k: float(v.detach()) for k, v in losses.items()})
+                    row["lr"] = self.optimizer.param_groups[0]["lr"]
+                    row["spots_per_s"] = n_spots * self.world_size / dt
+                    n_spots, t0 = 0, time.perf_counter()
+                if (
+                    t.eval_every
+                    and (self.step % t.eval_every == 0 or at_end)
+                    and self.sampler.val_tiles
+                ):
+                    if main:
+                        last_eval = evaluate(
+                            self.model,
+                            self.sampler,
+                            cfg.objectives,
+                            self.device,
+                            max_tiles=t.max_eval_tiles,
+                            autocast=self._autocast,
+                        )
+                        row = row or {"step": self.step}
+                        row.update(last_eval)
+                    t0 = time.perf_counter()
+                if row is not None and main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    if t.csv:
+                        self._csv(row)
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                writer.add_scalar(k, v, self.step)
+                if bar is not None:
+                    bar.update(1)
+                    if row is not None:
+                        bar.set_postfix(
+                            {
+                                k: f"{row[k]:.3g}"
+                                for k in ("loss", *TERMS, "spots_per_s")
+                                if k in row
+                            }
+                        )
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or at_end:
+                    rngs = self._gather_rng()
+                    if main:
+                        self._checkpoint(self.ckpt_path, rngs)
+                        if t.keep_step_checkpoints and not at_end:
+                            self._checkpoint(self.ckpt_path.parent / f"step_{self.step}.pt", rngs)
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        if self.distributed:
+            dist.barrier()
+        self.last_eval = last_eval
+        return self.ckpt_path
+
+    def _csv(self, row: dict) -> None:
+        p = self.run_dir / "metrics.csv"
+        keys = list(row)
+        new = not p.exists()
+        with open(p, "a") as fh:
+            if new:
+                fh.write(",".join(keys) + "\n")
+            fh.write(",".join(str(row[k]) for k in keys) + "\n")
+
+
+def pretrain(cfg, *, resume: bool = False, progress: bool = True) -> Path:
+    """Self-supervised pretraining on the graphs of ``cfg.graphs``.
+
+    Parameters
+    ----------
+    cfg
+        A :class:`~tissuegraph.train.config.PretrainConfig` (dataclass, DictConfig or dict).
+    resume
+        Continue from ``run_dir/checkpoints/last.pt`` (exactly: model, optimiser, scheduler,
+        sampler and RNG states).
+    progress
+        Show a tqdm bar (rank 0).
+
+    Returns
+    -------
+    Path of ``run_dir/checkpoints/last.pt``. Also written: ``run_dir/metrics.jsonl`` (one JSON
+    object per logged step: ``step``, ``loss``, one field per term, ``lr``, ``spots_per_s``,
+    ``val_*`` at evaluation steps) and ``run_dir/config.yaml``.
+    """
+    return Trainer(cfg, resume=resume, progress=progress).fit()

@@ -1,0 +1,191 @@
+"""Self-supervised objectives (after STAMP / CLIP, generalised to graphs).
+
+- ``contrastive``: symmetric InfoNCE between a spot's expression-side embedding and its
+  ``patch_0`` image-side embedding after message passing, learnable temperature, in-batch
+  negatives. A tile is a window of one slide, so every negative is a nearby spot of the same
+  slide: hard negatives come for free. With ``middle`` fusion the anchors' own ``patch_0 <->
+  spot`` edges are removed in the training pass, otherwise the two embeddings would carry each
+  other's input and the task would be solved by copying.
+- ``patch_region``: InfoNCE of ``patch_k`` against the parents ``patch_k+1`` in the tile, on the
+  image-encoder outputs (before message passing: after it, a child has already received its
+  parent's message through the ``in`` edge, which makes the task trivial).
+- ``localisation``: 9-way cross-entropy of the child's cell in the parent's 3x3 grid from the
+  concatenated child and parent embeddings after message passing (positions are never inputs).
+- ``masked_expression``: a fraction of the tile's spots get their expression hidden (input zeroed
+  / replaced by the mask token, and their ``expresses`` edges in both directions dropped) and the
+  decoder reconstructs it from the fused embedding (neighbours + image). MSE on the normalised
+  (log1p) values the graph stores: raw counts are optional in the schema, and the same target
+  is what image -> expression prediction reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.data import HeteroData
+
+from tissuegraph.graph import schema as S
+
+__all__ = ["TERMS", "info_nce", "apply_masks", "Objectives"]
+
+TERMS = ("contrastive", "patch_region", "localisation", "masked_expression")
+
+
+def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, symmetric: bool = True) -> Tensor:
+    """InfoNCE of row-aligned pairs ``a[i] <-> b[i]`` (``[B, D]`` each) with in-batch negatives."""
+    a = F.normalize(a.float(), dim=-1)
+    b = F.normalize(b.float(), dim=-1)
+    logits = logit_scale.exp() * a @ b.T
+    target = torch.arange(a.shape[0], device=a.device)
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+    return loss
+
+
+def apply_masks(
+    tile: HeteroData,
+    *,
+    mask_ratio: float,
+    anchor_fraction: float,
+    generator: torch.Generator,
+    cut_identity: bool = True,
+) -> HeteroData:
+    """Choose hidden-expression spots and contrastive anchors among the tile's core spots.
+
+    Sets ``spot.x_mask`` (bool), ``spot.anchor`` (bool) and ``spot.x_target`` (the original
+    expression of hidden spots); zeroes hidden spots' ``x`` and drops their expresses edges
+    (both directions); with ``cut_identity`` drops the anchors' ``patch_0 <-> spot`` edges.
+    """
+    spot = tile[S.SPOT]
+    n = spot[S.X].shape[0]
+    dev = spot[S.X].device
+    core = spot["core"].nonzero().view(-1)
+    perm = core[torch.randperm(core.numel(), generator=generator).to(dev)]
+    n_mask = int(round(mask_ratio * core.numel()))
+    n_anchor = min(int(round(anchor_fraction * core.numel())), core.numel() - n_mask)
+    x_mask = torch.zeros(n, dtype=torch.bool, device=dev)
+    anchor = torch.zeros(n, dtype=torch.bool, device=dev)
+    x_mask[perm[:n_mask]] = True
+    anchor[perm[n_mask : n_mask + n_anchor]] = True
+    x = spot[S.X].float()
+    spot["x_target"] = x[x_mask]
+    if n_mask:
+        x = x.clone()
+        x[x_mask] = 0.0
+    spot[S.X] = x
+    spot["x_mask"] = x_mask
+    spot["anchor"] = anchor
+    drops = []
+    if n_mask:
+        drops += [(S.SPOT_EXPRESSES_GENE, 0, x_mask), (S.GENE_REV_EXPRESSES_SPOT, 1, x_mask)]
+    if cut_identity and n_anchor:
+        drops += [(S.PATCH0_OF_SPOT, 1, anchor), (S.SPOT_REV_OF_PATCH0, 0, anchor)]
+    for et, side, m in drops:
+        if et not in tile.edge_types:
+            continue
+        st = tile[et]
+        keep = ~m[st.edge_index[side]]
+        for key in list(st.keys()):
+            v = st[key]
+            if key == "edge_index":
+                st[key] = v[:, keep]
+            elif torch.is_tensor(v) and v.shape[:1] == keep.shape:
+                st[key] = v[keep]
+    return tile
+
+
+class Objectives(nn.Module):
+    """The weighted pretraining loss around a model (this is what DDP wraps).
+
+    ``forward(tile)`` returns ``{"loss": total, term: value, ...}`` with one entry per term of
+    non-zero weight (unweighted values; ``loss`` is the weighted sum), plus ``temperature``.
+    """
+
+    def __init__(self, model: nn.Module, cfg):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.weights = {t: float(getattr(cfg, t)) for t in TERMS}
+
+    def active(self) -> list[str]:
+        m = self.model
+        has_img = getattr(m, "image_encoder", None) is not None
+        out = []
+        for t in TERMS:
+            if self.weights[t] <= 0:
+                continue
+            if t != "masked_expression" and not has_img:
+                continue
+            if t in ("patch_region", "localisation") and m.n_scales < 2:
+                continue
+            out.append(t)
+        return out
+
+    def forward(self, tile: HeteroData) -> dict[str, Tensor]:
+        m = self.model
+        out = m(tile)
+        spot = tile[S.SPOT]
+        losses: dict[str, Tensor] = {}
+        cfg = self.cfg
+        tmin = float(cfg.temperature_min)
+        lmax = math.log(1.0 / tmin)
+        for term in self.active():
+            if term == "contrastive":
+                a = spot["anchor"] if "anchor" in spot else spot["core"]
+                if int(a.sum()) < 2 or out["image"] is None:
+                    continue
+                za = m.proj_expr(out["expr"][a])
+                zb = m.proj_image(out["image"][a])
+                losses[term] = info_nce(za, zb, m.logit_scale.clamp(max=lmax))
+            elif term == "patch_region":
+                parts = []
+                for k in range(m.n_scales - 1):
+                    et = S.patch_in_parent(k)
+                    if et not in tile.edge_types:
+                        continue
+                    ei = tile[et].edge_index
+                    if ei.shape[1] == 0:
+                        continue
+                    ei = ei[:, : int(cfg.max_region_pairs)]
+                    parents, inv = torch.unique(ei[1], return_inverse=True)
+                    if parents.numel() < 2:
+                        continue
+                    zc = F.normalize(m.proj_child(out["enc"][S.patch(k)][ei[0]]).float(), dim=-1)
+                    zp = F.normalize(
+                        m.proj_parent(out["enc"][S.patch(k + 1)][parents]).float(), dim=-1
+                    )
+                    logits = m.logit_scale_region.clamp(max=lmax).exp() * zc @ zp.T
+                    parts.append(F.cross_entropy(logits, inv))
+                if parts:
+                    losses[term] = torch.stack(parts).mean()
+            elif term == "localisation":
+                logits, target = [], []
+                for k in range(m.n_scales - 1):
+                    et = S.patch_in_parent(k)
+                    if et not in tile.edge_types or tile[et].edge_index.shape[1] == 0:
+                        continue
+                    ei = tile[et].edge_index[:, : int(cfg.max_loc_pairs)]
+                    loc = tile[et][S.LOC][: ei.shape[1]]
+                    hc = out["h"][S.patch(k)][ei[0]]
+                    hp = out["h"][S.patch(k + 1)][ei[1]]
+                    logits.append(m.loc_head(hc, hp).float())
+                    target.append(loc)
+                if logits:
+                    losses[term] = F.cross_entropy(torch.cat(logits), torch.cat(target))
+            elif term == "masked_expression":
+                if "x_mask" not in spot or not bool(spot["x_mask"].any()):
+                    continue
+                pred = m.predict_expression(out["fused"][spot["x_mask"]]).float()
+                losses[term] = F.mse_loss(pred, spot["x_target"].float())
+        dev = out["fused"].device
+        total = torch.zeros((), device=dev)
+        for t, v in losses.items():
+            total = total + self.weights[t] * v
+        losses["loss"] = total
+        losses["temperature"] = m.temperature(False, tmin).detach()
+        # keep every parameter in the graph (DDP: tiles without a term still sync)
+        return losses
