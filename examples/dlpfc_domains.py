@@ -38,13 +38,13 @@ def main() -> None:
     import pandas as pd
     from omegaconf import OmegaConf
     from sklearn.metrics import adjusted_rand_score
-    from tissuegraph.train.config import PretrainConfig
-    from tissuegraph.train.loop import pretrain
 
     from tissuegraph import io, pl, tl
     from tissuegraph.config import load_config
     from tissuegraph.graph.config import BuildConfig, SlideSpec
     from tissuegraph.graph.pipeline import build_graphs
+    from tissuegraph.train.config import PretrainConfig
+    from tissuegraph.train.loop import pretrain
 
     sample = data_dir() / "dlpfc" / "151673"
     out = Path(args.out)

@@ -36,13 +36,13 @@ def main() -> None:
 
     import numpy as np
     from omegaconf import OmegaConf
-    from tissuegraph.train.config import PretrainConfig
-    from tissuegraph.train.loop import pretrain
 
     from tissuegraph import io, pl, tl
     from tissuegraph.config import load_config
     from tissuegraph.graph.config import BuildConfig, SlideSpec
     from tissuegraph.graph.pipeline import build_graphs
+    from tissuegraph.train.config import PretrainConfig
+    from tissuegraph.train.loop import pretrain
 
     out = Path(args.out)
     train = [s for s in SECTIONS if s != args.holdout]

@@ -93,14 +93,14 @@ def test_heldout_retrieval_above_chance(dlpfc_run):
     assert ev["val_retrieval_top1"] > 2 * ev["val_retrieval_chance"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="DLPFC has only a 600x600 lowres H&E (about 4 px per spot): the 32 px crops are "
-    "upsampled blur and 3x3 localisation stays near chance in a short CPU run",
-)
 def test_heldout_localisation_above_chance(dlpfc_run):
+    # The child patch is scored against the 3x3 cells of its parent's image; on tiles never
+    # trained on this must beat both chance (1/9) and always guessing the most frequent cell.
     _, rows = dlpfc_run
-    assert rows[-1]["val_localisation_acc"] > 1 / 9
+    last = rows[-1]
+    print("held-out localisation", last["val_localisation_acc"], last["val_localisation_majority"])
+    assert last["val_localisation_acc"] > 0.25
+    assert last["val_localisation_acc"] > last["val_localisation_majority"]
 
 
 def test_embed_real_slide(dlpfc_run, dlpfc_graphs):

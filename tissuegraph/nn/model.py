@@ -337,10 +337,12 @@ class TissueGraphModel(nn.Module):
         self.proj_child = ProjectionHead(d, p)
         self.proj_parent = ProjectionHead(d, p)
         self.loc_head = LocalisationHead(d, S.N_LOC)
+        self.proj_cell = ProjectionHead(d, p)
         self.decoder = ExpressionDecoder(d, self.n_genes)
         init = math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.logit_scale_region = nn.Parameter(torch.tensor(init))
+        self.logit_scale_loc = nn.Parameter(torch.tensor(math.log(1 / 0.1)))
 
     # -- helpers
     @staticmethod
@@ -416,6 +418,39 @@ class TissueGraphModel(nn.Module):
             else:
                 fused = expr
         return {"enc": enc, "h": h, "expr": expr, "image": image, "fused": fused}
+
+    def localisation_logits(
+        self, data: HeteroData, out: dict, k: int, edge_index: Tensor
+    ) -> Tensor:
+        """9-way logits of each child ``patch_k`` cell inside its parent ``patch_k+1``.
+
+        With pixel crops, the parent's image is cut into its 3x3 grid of cells (row-major,
+        rows along +y), each cell is encoded by the shared image encoder at scale ``k``, and
+        the child's encoding is scored against the nine cell encodings (cosine similarity /
+        temperature): the task becomes "which part of the region is this patch", which a
+        pooled parent vector cannot answer. With stored features (no pixels), the
+        :class:`LocalisationHead` on the message-passed child and parent embeddings is used.
+
+        Shapes: ``edge_index`` ``[2, E]`` (child, parent) -> logits ``[E, 9]``.
+        """
+        child_t, parent_t = S.patch(k), S.patch(k + 1)
+        if not isinstance(self.image_encoder, ImageEncoder) or S.IMG not in data[parent_t]:
+            return self.loc_head(
+                out["h"][child_t][edge_index[0]], out["h"][parent_t][edge_index[1]]
+            )
+        parents, inv = torch.unique(edge_index[1], return_inverse=True)
+        img = data[parent_t][S.IMG][parents].float()  # [U, 3, s, s]
+        u, c, s = img.shape[0], img.shape[1], img.shape[-1]
+        big = nn.functional.interpolate(
+            img, size=(3 * s, 3 * s), mode="bilinear", align_corners=False
+        )
+        cells = big.reshape(u, c, 3, s, 3, s).permute(0, 2, 4, 1, 3, 5).reshape(u * 9, c, s, s)
+        scale = torch.full((u * 9,), k, dtype=torch.long, device=img.device)
+        zc = nn.functional.normalize(self.proj_cell(self.image_encoder(cells, scale)), dim=-1)
+        zc = zc.reshape(u, 9, -1)[inv]  # [E, 9, p]
+        za = nn.functional.normalize(self.proj_cell(out["enc"][child_t][edge_index[0]]), dim=-1)
+        scale_loc = self.logit_scale_loc.clamp(max=math.log(100.0)).exp()
+        return scale_loc * torch.einsum("ep,enp->en", za, zc)
 
     def predict_expression(self, fused: Tensor) -> Tensor:
         """Decoded normalised expression ``[N, G]`` from fused embeddings ``[N, D]``."""

@@ -34,9 +34,7 @@ def localisation_accuracy(
         if et not in tile.edge_types or tile[et].edge_index.shape[1] == 0:
             continue
         ei, loc = tile[et].edge_index, tile[et][S.LOC]
-        pred = model.loc_head(out["h"][S.patch(k)][ei[0]], out["h"][S.patch(k + 1)][ei[1]]).argmax(
-            -1
-        )
+        pred = model.localisation_logits(tile, out, k, ei).argmax(-1)
         correct += int((pred == loc).sum())
         total += int(loc.numel())
         if per_level is not None:

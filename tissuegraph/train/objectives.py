@@ -170,9 +170,7 @@ class Objectives(nn.Module):
                         continue
                     ei = tile[et].edge_index[:, : int(cfg.max_loc_pairs)]
                     loc = tile[et][S.LOC][: ei.shape[1]]
-                    hc = out["h"][S.patch(k)][ei[0]]
-                    hp = out["h"][S.patch(k + 1)][ei[1]]
-                    logits.append(m.loc_head(hc, hp).float())
+                    logits.append(m.localisation_logits(tile, out, k, ei).float())
                     target.append(loc)
                 if logits:
                     losses[term] = F.cross_entropy(torch.cat(logits), torch.cat(target))
