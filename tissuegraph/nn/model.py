@@ -463,6 +463,27 @@ class TissueGraphModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- save/load
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a model or training checkpoint with ``torch.load(weights_only=True)``.
+
+    A missing file, a file the safe loader refuses, or one without ``model_config`` raises a
+    one-line :class:`InputError`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"{p} is not a tissuegraph checkpoint (refused by the safe loader: "
+            f"{str(exc).strip().splitlines()[0][:160]})"
+        ) from exc
+    if not isinstance(obj, dict) or "model_config" not in obj:
+        raise InputError(f"{p} is not a tissuegraph checkpoint (no 'model_config')")
+    return obj
+
+
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``{"model_config", "state_dict"}`` (atomically); :func:`load_model` rebuilds it."""
     m = getattr(model, "module", model)
@@ -481,22 +502,11 @@ def load_model(path_or_obj, device: str | torch.device = "cpu") -> nn.Module:
     downloading weights (they are in the file). Returns the model in eval mode.
     """
     if isinstance(path_or_obj, dict):
-        obj = path_or_obj
-        where = "checkpoint"
+        obj, where = path_or_obj, "checkpoint"
+        if "model_config" not in obj:
+            raise InputError("checkpoint is not a tissuegraph checkpoint (no 'model_config')")
     else:
-        p = Path(path_or_obj)
-        where = str(p)
-        if not p.is_file():
-            raise InputError(f"checkpoint not found: {p}")
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InputError(
-                f"{p} is not a tissuegraph checkpoint (refused by the safe loader: "
-                f"{str(exc).strip().splitlines()[0][:160]})"
-            ) from exc
-    if not isinstance(obj, dict) or "model_config" not in obj:
-        raise InputError(f"{where} is not a tissuegraph checkpoint (no 'model_config')")
+        obj, where = read_checkpoint(path_or_obj), str(path_or_obj)
     mc = obj["model_config"]
     state = obj.get("state_dict", obj.get("model"))
     if state is None:

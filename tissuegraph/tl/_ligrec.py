@@ -25,12 +25,9 @@ from tissuegraph.tl._spatial import CONN_KEY, ensure_spatial_graph
 
 def _read_lr(table, func: str) -> pd.DataFrame:
     if isinstance(table, (str, os.PathLike)):
-        try:
-            from tissuegraph.io import read_ligand_receptor
+        from tissuegraph.io import read_ligand_receptor
 
-            table = read_ligand_receptor(table)
-        except ImportError:
-            table = pd.read_csv(table, sep=None, engine="python")
+        table = read_ligand_receptor(table)
     if not isinstance(table, pd.DataFrame):
         raise InputError(f"{func}: lr_table must be a DataFrame or a path")
     cols = {c.lower(): c for c in table.columns}

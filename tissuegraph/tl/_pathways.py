@@ -23,12 +23,9 @@ from tissuegraph.tl._core import (
 def read_weight_table(table, func: str) -> pd.DataFrame:
     """A ``[source, target, weight]`` table from a DataFrame or a file path."""
     if isinstance(table, (str, os.PathLike)):
-        try:
-            from tissuegraph.io import read_pathways
+        from tissuegraph.io import read_pathways
 
-            table = read_pathways(table)
-        except ImportError:
-            table = pd.read_csv(table, sep=None, engine="python")
+        table = read_pathways(table)
     if not isinstance(table, pd.DataFrame):
         raise InputError(f"{func}: pathways must be a DataFrame or a path to a table")
     cols = {c.lower(): c for c in table.columns}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tissuegraph._utils import atomic_path, file_hash
-from tissuegraph.errors import InputError
+from tissuegraph.nn.model import read_checkpoint as read_model_file
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_model", "rng_state", "set_rng_state"]
 
@@ -65,19 +65,7 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint with ``weights_only=True``; one-line :class:`InputError` on failure."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(
-            f"{p} is not a tissuegraph checkpoint (refused by the safe loader: "
-            f"{str(exc).strip().splitlines()[0][:160]})"
-        ) from exc
-    if not isinstance(obj, dict) or "model_config" not in obj:
-        raise InputError(f"{p} is not a tissuegraph checkpoint (no 'model_config')")
-    return obj
+    return read_model_file(path)
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
