@@ -80,20 +80,15 @@ def read_prior_tables(priors_cfg) -> PriorTables:
         t.ligand_receptor = (_upper(df["ligand"]), _upper(df["receptor"]))
         t.files["ligand_receptor"] = str(p)
     srcs, tgts, ws = [], [], []
-    if priors_cfg.pathways:
-        p = _check_file(priors_cfg.pathways, "pathways")
-        df = io.read_pathways(p)
+    for key, reader in (("pathways", io.read_pathways), ("gmt", io.read_gmt)):
+        if not getattr(priors_cfg, key):
+            continue
+        p = _check_file(getattr(priors_cfg, key), key)
+        df = reader(p)
         srcs.append(np.asarray([str(s) for s in df["source"]], dtype=object))
         tgts.append(_upper(df["target"]))
         ws.append(np.asarray(df["weight"], dtype=np.float32))
-        t.files["pathways"] = str(p)
-    if priors_cfg.gmt:
-        p = _check_file(priors_cfg.gmt, "gmt")
-        df = io.read_gmt(p)
-        srcs.append(np.asarray([str(s) for s in df["source"]], dtype=object))
-        tgts.append(_upper(df["target"]))
-        ws.append(np.asarray(df["weight"], dtype=np.float32))
-        t.files["gmt"] = str(p)
+        t.files[key] = str(p)
     if srcs:
         t.pathways = (np.concatenate(srcs), np.concatenate(tgts), np.concatenate(ws))
     return t

@@ -106,12 +106,7 @@ def read_10x_h5(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, pd.
         X.check_format(full_check=False)
     except ValueError as exc:
         raise InputError(f"{path}: corrupt sparse matrix ({exc}); re-export the file") from None
-    features = pd.DataFrame({"gene_ids": ids, "name": names, "feature_type": ftype})
-    keep = np.asarray(features["feature_type"] == _GENE_EXPRESSION)
-    if not keep.all():
-        X = X[:, np.flatnonzero(keep)]
-        features = features.loc[keep].reset_index(drop=True)
-    return X.tocsr(), barcodes, features
+    return _gene_expression_only(X, barcodes, ids, names, ftype)
 
 
 def _read_table_lines(path: Path) -> list[list[str]]:
@@ -159,6 +154,11 @@ def read_10x_mtx(folder: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, 
             f"{len(barcodes)} barcodes; the folder is inconsistent"
         )
     X = sp.csr_matrix(M.T, dtype=np.float32)
+    return _gene_expression_only(X, barcodes, ids, names, ftype)
+
+
+def _gene_expression_only(X, barcodes, ids, names, ftype):
+    """``(X, barcodes, features)`` restricted to "Gene Expression" features."""
     features = pd.DataFrame({"gene_ids": ids, "name": names, "feature_type": ftype})
     keep = np.asarray(features["feature_type"] == _GENE_EXPRESSION)
     if not keep.all():
