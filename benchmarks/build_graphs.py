@@ -9,7 +9,8 @@ runs in its own subprocess so that its peak memory is its own.
 Steps compared on the same AnnData:
 
 - spot graph: ``tissuegraph.graph.spatial.spot_graph(method="grid")`` vs
-  ``squidpy.gr.spatial_neighbors(coord_type="grid", n_neighs=6|4, n_rings=1)``;
+  ``squidpy.gr.spatial_neighbors(coord_type="grid", n_neighs=6|4, n_rings=1)``, timed on the
+  first call in a fresh process and as the median of 5 further calls ("warm");
 - spot crops (image cases): ``SlideImage.crop`` of a ``patch_0`` (110 µm Visium, 200 µm ST)
   square around every spot resized to 32 px vs ``squidpy.im.ImageContainer`` +
   ``generate_spot_crops(spot_scale=..., scale=...)`` (crops of the same side, rescaled to
@@ -45,9 +46,21 @@ from _common import (  # noqa: E402
 
 CROP_PX = 32
 TIMEOUT_S = 900
+WARM_REPEATS = 5
 
 
 # ----------------------------------------------------------------------------- worker side
+def warm_median(fn, repeats: int = WARM_REPEATS) -> float:
+    """Median wall time of ``repeats`` further calls of ``fn`` (after the measured first call:
+    imports, lazy initialisation and first-touch page faults are paid by then)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(sorted(times)[len(times) // 2])
+
+
 def _load(case: dict):
     from tissuegraph import io
 
@@ -91,9 +104,13 @@ def run_tissuegraph(case: dict) -> dict:
         genes = list(adata.var_names)
     pos = _positions_um(adata)
     rc = _array_rc(adata)
+    grid = _grid_kind(adata, rc)
     with measure() as m:
-        ei, _ = spot_graph(pos, method="grid", array_rc=rc, grid=_grid_kind(adata, rc), rings=1)
+        ei, _ = spot_graph(pos, method="grid", array_rc=rc, grid=grid, rings=1)
     out["spot_graph"] = m.as_dict()
+    out["spot_graph_warm_s"] = warm_median(
+        lambda: spot_graph(pos, method="grid", array_rc=rc, grid=grid, rings=1)
+    )
     out["n_edges"] = int(ei.shape[1])
     if case["image"]:
         mpp = adata.uns["tissuegraph"]["microns_per_pixel"]
@@ -126,6 +143,9 @@ def run_squidpy(case: dict) -> dict:
     with measure() as m:
         sq.gr.spatial_neighbors(adata, coord_type="grid", n_neighs=n_neighs, n_rings=1)
     out["spot_graph"] = m.as_dict()
+    out["spot_graph_warm_s"] = warm_median(
+        lambda: sq.gr.spatial_neighbors(adata, coord_type="grid", n_neighs=n_neighs, n_rings=1)
+    )
     out["n_edges"] = int(adata.obsp["spatial_connectivities"].nnz)
     if case["image"]:
         lib = adata.uns["tissuegraph"]["library_id"]
@@ -261,12 +281,15 @@ def main(argv=None) -> int:
     for r in runs:
         tg = r.get("tissuegraph", {})
         g_tg, g_sq = sec(r, "tissuegraph", "spot_graph"), sec(r, "squidpy", "spot_graph")
+        w_tg = (r.get("tissuegraph") or {}).get("spot_graph_warm_s")
+        w_sq = (r.get("squidpy") or {}).get("spot_graph_warm_s")
         c_tg, c_sq = sec(r, "tissuegraph", "crops"), sec(r, "squidpy", "crops")
         b_tg = sec(r, "tissuegraph", "build")
         sq_total = (g_sq or 0) + (c_sq or 0) if g_sq is not None else None
         ratio = lambda a, b: (a / b) if (a and b) else None  # noqa: E731
         r["ratios"] = {
             "spot_graph": ratio(g_sq, g_tg),
+            "spot_graph_warm": ratio(w_sq, w_tg),
             "crops": ratio(c_sq, c_tg),
             "same_steps": ratio(sq_total, (g_tg or 0) + (c_tg or 0)),
             "full_build_vs_squidpy_steps": ratio(sq_total, b_tg),
@@ -279,6 +302,9 @@ def main(argv=None) -> int:
                 g_tg,
                 g_sq,
                 r["ratios"]["spot_graph"],
+                w_tg,
+                w_sq,
+                r["ratios"]["spot_graph_warm"],
                 c_tg,
                 c_sq,
                 r["ratios"]["crops"],
@@ -292,6 +318,17 @@ def main(argv=None) -> int:
                 Target(
                     f"{r['case']}: squidpy / tissuegraph (graph + crops)",
                     r["ratios"]["same_steps"],
+                    5.0,
+                    ">=",
+                    "x",
+                )
+            )
+        if r["case"].startswith("synthetic") and r["ratios"]["spot_graph_warm"] is not None:
+            targets.append(
+                Target(
+                    f"{r['case']}: squidpy / tissuegraph (spot graph, warm median; "
+                    f"first call {r['ratios']['spot_graph']:.1f}x)",
+                    r["ratios"]["spot_graph_warm"],
                     5.0,
                     ">=",
                     "x",
@@ -314,6 +351,9 @@ def main(argv=None) -> int:
         "graph tg s",
         "graph sq s",
         "graph x",
+        "warm graph tg s",
+        "warm graph sq s",
+        "warm graph x",
         "crops tg s",
         "crops sq s",
         "crops x",
@@ -328,6 +368,8 @@ def main(argv=None) -> int:
         "(normalise, panel, graph, top-32 expresses edges, 3 patch scales) vs squidpy's graph "
         "+ spot crops only",
         "peak RSS includes the AnnData read before the measured call",
+        f"'graph' columns: the first call in a fresh process; 'warm graph': median of "
+        f"{WARM_REPEATS} further calls (imports, lazy set-up and first-touch page faults paid)",
     ]
     print_summary(title, cols, rows, targets, notes)
     path = write_results(

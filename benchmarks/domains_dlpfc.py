@@ -20,9 +20,15 @@ covariance_type="tied")``, i.e. a Gaussian mixture with one shared covariance, R
 EEE, with ``n_init`` k-means starts)
 ---------------------------------------------------------------------------------------------
 ``tissuegraph``   build_graphs -> pretrain -> tl.embed -> tl.niches
+``tissuegraph_agg`` the same embedding, concatenated with its means over the 1-, 2- and 3-hop
+                  rings (``tl.aggregate_neighbors(use_rep="X_tissuegraph")``) -> tl.niches
 ``pca``           log1p-CP10k of the HVG panel, scaled, PCA
 ``aggregation``   the PCA above, concatenated with its means over the spots exactly 1, 2 and
                   3 hops away on the spot grid (CellCharter-style, ``tl.aggregate_neighbors``)
+
+The DLPFC folders hold only the 600 x 600 px lowres H&E (a 55 µm spot is about 4 px wide), so
+by default the graphs are built without image patches (expression, spot graph, gene nodes);
+``--patches`` adds the (upsampled) lowres patches and the image objectives.
 
 Run ``uv run python benchmarks/domains_dlpfc.py [--quick]``; results go to
 ``benchmarks/results/domains_dlpfc.json`` (``domains_dlpfc_quick.json`` with ``--quick``).
@@ -64,7 +70,8 @@ from _common import (  # noqa: E402
 NAME = "domains_dlpfc"
 TITLE = "Spatial domains on DLPFC (ARI vs manual layers, K = 7)"
 SECTIONS = ("151673", "151674")
-METHODS = ("tissuegraph", "pca", "aggregation")
+METHODS = ("tissuegraph", "tissuegraph_agg", "pca", "aggregation")
+TG_METHODS = ("tissuegraph", "tissuegraph_agg")
 PROTOCOLS = ("per_section", "transfer")
 PEERS = {"STAGATE": "STAGATE_pyG", "GraphST": "GraphST", "CellCharter": "cellcharter"}
 TRUTH = "truth"
@@ -102,6 +109,7 @@ class Settings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     kind: str = "fused"
+    patches: bool = False
     device: str = "cpu"
     pretrain_overrides: list[str] = field(default_factory=list)
     build_overrides: list[str] = field(default_factory=list)
@@ -267,6 +275,7 @@ def train_tissuegraph(
             graphs,
             n_top=s.n_top,
             fit_slides=[train.name],
+            patches=s.patches,
             overrides=s.build_overrides,
         )
     check_training_slides(graphs, [train.name], heldout)
@@ -338,7 +347,8 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
             panel = choose_panel({train.name: train.adata}, s.n_top)
             pca = PcaModel(s.n_pcs).fit(log_expression(train.adata, panel))
         ckpts, tg_info = {}, {}
-        if "tissuegraph" in s.methods:
+        tg_methods = [m for m in TG_METHODS if m in s.methods]
+        if tg_methods:
             ckpts, tg_info = train_tissuegraph(train, others, workdir, s)
             tg_info["panel_equals_baseline_panel"] = tg_info["panel"] == panel
         for protocol, test in evals:
@@ -366,25 +376,33 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     )
                     runs.append(rec)
                     _log(rec)
-            if "tissuegraph" in s.methods:
-                build_s = tg_info["build"]["seconds"]
-                for seed in s.seeds:
-                    with measure() as me:
-                        emb = embed_tissuegraph(test, ckpts[seed], s)
-                    rec = {**base, "method": "tissuegraph", "seed": seed, "dim": int(emb.shape[1])}
+            build_s = tg_info["build"]["seconds"] if tg_methods else 0.0
+            for seed in s.seeds if tg_methods else []:
+                with measure() as me:
+                    emb = embed_tissuegraph(test, ckpts[seed], s)
+                tg_reps = {"tissuegraph": (emb, 0.0)}
+                if "tissuegraph_agg" in s.methods:
+                    with measure() as ma:
+                        emb_agg = aggregate(test.adata, emb, s.n_hops)
+                    tg_reps["tissuegraph_agg"] = (emb_agg, ma.seconds)
+                for method in tg_methods:
+                    rep, extra_s = tg_reps[method]
+                    rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
                     rec.update(
                         score_rep(
-                            emb, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                            rep, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
                         )
                     )
                     pt = tg_info["pretrain"][seed]
+                    embed_s = me.seconds + extra_s
                     rec.update(
                         build_s=build_s,
                         pretrain_s=pt["seconds"],
-                        embed_s=me.seconds,
+                        embed_s=embed_s,
                         train_s=build_s + pt["seconds"],
-                        total_s=build_s + pt["seconds"] + me.seconds + rec["cluster_s"],
+                        total_s=build_s + pt["seconds"] + embed_s + rec["cluster_s"],
                         steps=s.steps,
+                        patches=s.patches,
                         panel_equals_baseline_panel=tg_info["panel_equals_baseline_panel"],
                         **{f"fit_{k}": v for k, v in pt.items()},
                     )
@@ -453,24 +471,25 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
         if agg_ctx is not None
         else ""
     )
-    if "per_section" in s.protocols:
-        targets.append(
-            Target(
-                "tissuegraph per-section ARI (mean over sections and seeds)",
-                mean_of("tissuegraph", "per_section"),
-                TARGET_PER_SECTION,
-                context=agg_txt + REFERENCE,
+    for method in [m for m in TG_METHODS if m in s.methods]:
+        if "per_section" in s.protocols:
+            targets.append(
+                Target(
+                    f"{method} per-section ARI (mean over sections and seeds)",
+                    mean_of(method, "per_section"),
+                    TARGET_PER_SECTION,
+                    context=agg_txt + REFERENCE,
+                )
             )
-        )
-    if "transfer" in s.protocols:
-        targets.append(
-            Target(
-                "tissuegraph transfer ARI (mean over directions and seeds)",
-                mean_of("tissuegraph", "transfer"),
-                TARGET_TRANSFER,
-                context="pretrained on one section, embedded + clustered on the other",
+        if "transfer" in s.protocols:
+            targets.append(
+                Target(
+                    f"{method} transfer ARI (mean over directions and seeds)",
+                    mean_of(method, "transfer"),
+                    TARGET_TRANSFER,
+                    context="pretrained on one section, embedded + clustered on the other",
+                )
             )
-        )
     return cols, rows, targets
 
 
@@ -500,6 +519,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
+    p.add_argument(
+        "--patches",
+        action="store_true",
+        help="build the graphs with (lowres) image patches and train the image objectives",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--build-override", action="append", default=[], metavar="KEY=VALUE")
@@ -527,6 +551,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         methods=list(a.methods),
         protocols=list(a.protocols),
         kind=a.kind,
+        patches=a.patches,
         device=a.device,
         pretrain_overrides=list(a.pretrain_override),
         build_overrides=list(a.build_override),

@@ -84,11 +84,21 @@ def _symmetrize(src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
 
 
 def edge_lengths(pos: np.ndarray, edge_index: np.ndarray) -> np.ndarray:
-    """Euclidean length of each edge, ``float32 [E]``."""
+    """Euclidean length of each edge, ``float32 [E]``.
+
+    Coordinates are centred in float64 first, then the per-edge arithmetic runs in float32
+    (ample for lengths of spot-to-spot edges, half the memory traffic)."""
     pos = np.asarray(pos, dtype=np.float64)
-    x, y = np.ascontiguousarray(pos[:, 0]), np.ascontiguousarray(pos[:, 1])
+    if pos.shape[0] == 0:
+        return np.zeros(edge_index.shape[1], dtype=np.float32)
+    c = pos - pos.mean(0)
+    x, y = c[:, 0].astype(np.float32), c[:, 1].astype(np.float32)
     s, d = edge_index[0], edge_index[1]
-    return np.hypot(x[s] - x[d], y[s] - y[d]).astype(np.float32)
+    dx = x[s]
+    dx -= x[d]
+    dy = y[s]
+    dy -= y[d]
+    return np.hypot(dx, dy, out=dx)
 
 
 def grid_graph(
@@ -123,27 +133,32 @@ def grid_graph(
     rc0 = rc - lo
     height = int(rc0[:, 0].max()) + pad + 1
     width = int(rc0[:, 1].max()) + pad + 1
-    key = rc0[:, 0] * width + rc0[:, 1]
+    # 32-bit keys and indices when they fit: half the memory traffic of int64
+    small = height * width < 2**31 - 1 and n < 2**31 - 1
+    kt = np.int32 if small else np.int64
+    key = (rc0[:, 0] * width + rc0[:, 1]).astype(kt)
+    steps = (offsets[:, 0] * width + offsets[:, 1]).astype(kt)
     if height * width <= max(4 * n, 1 << 16):
         # dense lookup table of the (padded) lattice bounding box: O(N K), no sorting
-        idx_t = np.int32 if n < 2**31 - 1 else np.int64  # halves the memory traffic
-        table = np.full(height * width, -1, dtype=idx_t)
-        table[key] = np.arange(n, dtype=idx_t)
+        table = np.full(height * width, -1, dtype=kt)
+        table[key] = np.arange(n, dtype=kt)
         if np.count_nonzero(table >= 0) < n:
             _raise_duplicate(key, width, lo)
-        nbr = table[key[:, None] + (offsets[:, 0] * width + offsets[:, 1])[None, :]]
+        nbr = np.empty((n, steps.size), dtype=kt)
+        for j, step in enumerate(steps):  # K column gathers, no [N, K] index temporary
+            np.take(table, key + step, out=nbr[:, j])
     else:
         # sparse lattice: sorted keys + binary search
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key, kind="stable").astype(kt)
         skey = key[order]
         if n > 1 and np.any(skey[1:] == skey[:-1]):
             _raise_duplicate(key, width, lo)
-        q = key[:, None] + (offsets[:, 0] * width + offsets[:, 1])[None, :]
+        q = key[:, None] + steps[None, :]
         at = np.minimum(np.searchsorted(skey, q), n - 1)
         nbr = np.where(skey[at] == q, order[at], -1)
     hit = nbr >= 0  # [N, K], row-major = grouped by source spot
-    out = np.empty((2, int(hit.sum())), dtype=np.int64)
-    out[0] = np.repeat(np.arange(n, dtype=np.int64), hit.sum(1))
+    out = np.empty((2, int(np.count_nonzero(hit))), dtype=np.int64)
+    out[0] = np.repeat(np.arange(n, dtype=kt), np.count_nonzero(hit, axis=1))
     out[1] = nbr[hit]
     return out
 
