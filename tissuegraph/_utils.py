@@ -55,3 +55,16 @@ def file_hash(path: str | os.PathLike, n: int = 16, chunk: int = 1 << 20) -> str
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()[:n]
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm progress bar; when stderr is not a terminal (a job log, CI) it redraws at most
+    every 30 s instead of filling the log with updates."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    if not getattr(stream, "isatty", lambda: False)():
+        kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0.1), 30.0)
+    return tqdm(*args, **kwargs)

@@ -79,7 +79,11 @@ def _predict(args) -> int:
     from tissuegraph import io, tl
 
     pred = tl.predict_expression(
-        args.input, args.checkpoint, device=args.device, pseudo_spacing_um=args.spacing_um
+        args.input,
+        args.checkpoint,
+        device=args.device,
+        pseudo_spacing_um=args.spacing_um,
+        microns_per_pixel=args.microns_per_pixel,
     )
     io.write_h5ad(pred, args.out)
     print(f"wrote {args.out} ({pred.n_obs} spots x {pred.n_vars} genes predicted)")
@@ -191,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output .h5ad")
     p.add_argument(
         "--spacing-um", type=float, default=None, help="pseudo-spot spacing for a bare image"
+    )
+    p.add_argument(
+        "--microns-per-pixel",
+        type=float,
+        default=None,
+        help="pixel size of a bare image (default: TIFF metadata, else 0.5 with a warning)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=_predict)

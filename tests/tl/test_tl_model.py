@@ -113,6 +113,24 @@ def test_predict_from_bare_image(her2st_model, her2st_dir):
     assert pred.obsm["spatial_um"].shape == (pred.n_obs, 2)
 
 
+def test_cli_predict_bare_image_pixel_size(her2st_model, her2st_dir, tmp_path):
+    """`tissuegraph predict --microns-per-pixel` sets the pixel size of a bare image: half
+    the pixel size means twice the spacing in pixels, so about a quarter of the pseudo-spots."""
+    from tissuegraph.cli import main
+
+    ckpt, c2 = her2st_model
+    mpp = c2.uns["tissuegraph"]["microns_per_pixel"]
+    counts = []
+    for factor in (1.0, 0.5):
+        out = tmp_path / f"pred_{factor}.h5ad"
+        argv = ["predict", "--checkpoint", str(ckpt), "-i", str(her2st_dir / "C2" / "he.jpg")]
+        argv += ["-o", str(out), "--spacing-um", "200", "--microns-per-pixel", str(mpp * factor)]
+        argv += ["--device", "cpu"]
+        assert main(argv) == 0
+        counts.append(io.read_h5ad(out).n_obs)
+    assert 2.5 < counts[0] / counts[1] < 6.0
+
+
 def test_embed_niches_explain(her2st_model, priors_dir):
     ckpt, c2 = her2st_model
     a = c2.copy()

@@ -436,9 +436,9 @@ def _counts(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(one, range(len(starts)))
         if progress and len(starts) > 1:
-            from tqdm.auto import tqdm
+            from tissuegraph._utils import progress_bar
 
-            results = tqdm(results, total=len(starts), desc="simulate counts", unit="chunk")
+            results = progress_bar(results, total=len(starts), desc="simulate counts", unit="chunk")
         for k, (d_k, i_k, r_k) in enumerate(results):
             data[at : at + d_k.size] = d_k
             indices[at : at + d_k.size] = i_k

@@ -152,9 +152,9 @@ def crop_patches(
     out = np.zeros((m, 3, out_px, out_px), dtype=np.uint8)
     it = _batches(m, batch_size)
     if progress and m > batch_size:
-        from tqdm.auto import tqdm
+        from tissuegraph._utils import progress_bar
 
-        it = tqdm(list(it), desc=desc, leave=False)
+        it = progress_bar(list(it), desc=desc, leave=False)
     for a, b in it:
         crop = np.asarray(image.crop(centers_px[a:b], float(size_px), int(out_px)))
         out[a:b] = crop.transpose(0, 3, 1, 2)
@@ -227,9 +227,9 @@ def encode_patches(
     feats = []
     it = _batches(m, max(1, int(spec.batch_size)))
     if progress and m > spec.batch_size:
-        from tqdm.auto import tqdm
+        from tissuegraph._utils import progress_bar
 
-        it = tqdm(list(it), desc=desc, leave=False)
+        it = progress_bar(list(it), desc=desc, leave=False)
     with torch.no_grad():
         for a, b in it:
             crop = np.asarray(image.crop(centers_px[a:b], float(size_px), int(input_px)))

@@ -827,9 +827,9 @@ def _build_all(
 
     bar = None
     if progress and tasks:
-        from tqdm.auto import tqdm
+        from tissuegraph._utils import progress_bar
 
-        bar = tqdm(total=len(tasks), desc="build-graphs", unit="slide")
+        bar = progress_bar(total=len(tasks), desc="build-graphs", unit="slide")
 
     def done(task, result=None, exc=None):
         name = task["spec"]["name"]

@@ -606,9 +606,9 @@ class SlideImage:
         inside = (ix1 > 0) & (iy1 > 0) & (ix0 < lw) & (iy0 < lh)
         idx = np.flatnonzero(inside)
         if progress and len(idx) > 1:
-            from tqdm.auto import tqdm
+            from tissuegraph._utils import progress_bar
 
-            idx = tqdm(idx, desc="image crops", unit="crop", leave=False, mininterval=1.0)
+            idx = progress_bar(idx, desc="image crops", unit="crop", leave=False, mininterval=1.0)
         for i in idx:
             region = lvl.read(int(iy0[i]), int(iy1[i]), int(ix0[i]), int(ix1[i]))
             box = (

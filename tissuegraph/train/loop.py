@@ -364,9 +364,9 @@ class Trainer:
                     writer = None
         bar = None
         if main and self.progress:
-            from tqdm.auto import tqdm
+            from tissuegraph._utils import progress_bar
 
-            bar = tqdm(
+            bar = progress_bar(
                 total=t.max_steps,
                 initial=self.step,
                 desc="pretrain",
