@@ -76,7 +76,7 @@ PROTOCOLS = ("per_section", "transfer")
 PEERS = {"STAGATE": "STAGATE_pyG", "GraphST": "GraphST", "CellCharter": "cellcharter"}
 TRUTH = "truth"
 
-FULL_STEPS = 600
+FULL_STEPS = 2000
 TARGET_PER_SECTION = 0.65
 TARGET_TRANSFER = 0.55
 REFERENCE = (
@@ -510,7 +510,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS))
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument(
-        "--steps", type=int, default=None, help="pretraining steps (default 600; quick 60)"
+        "--steps", type=int, default=None, help="pretraining steps (default 2000; quick 60)"
     )
     p.add_argument("--n-top", type=int, default=2000, help="HVG panel size")
     p.add_argument("--n-pcs", type=int, default=30)
