@@ -281,8 +281,7 @@ def main(argv=None) -> int:
     for r in runs:
         tg = r.get("tissuegraph", {})
         g_tg, g_sq = sec(r, "tissuegraph", "spot_graph"), sec(r, "squidpy", "spot_graph")
-        w_tg = (r.get("tissuegraph") or {}).get("spot_graph_warm_s")
-        w_sq = (r.get("squidpy") or {}).get("spot_graph_warm_s")
+        w_tg, w_sq = tg.get("spot_graph_warm_s"), (r.get("squidpy") or {}).get("spot_graph_warm_s")
         c_tg, c_sq = sec(r, "tissuegraph", "crops"), sec(r, "squidpy", "crops")
         b_tg = sec(r, "tissuegraph", "build")
         sq_total = (g_sq or 0) + (c_sq or 0) if g_sq is not None else None

@@ -133,9 +133,8 @@ def grid_graph(
     rc0 = rc - lo
     height = int(rc0[:, 0].max()) + pad + 1
     width = int(rc0[:, 1].max()) + pad + 1
-    # 32-bit keys and indices when they fit: half the memory traffic of int64
-    small = height * width < 2**31 - 1 and n < 2**31 - 1
-    kt = np.int32 if small else np.int64
+    # 32-bit keys and indices when the lattice fits (n <= its cells): half the traffic of int64
+    kt = np.int32 if height * width < 2**31 - 1 else np.int64
     key = (rc0[:, 0] * width + rc0[:, 1]).astype(kt)
     steps = (offsets[:, 0] * width + offsets[:, 1]).astype(kt)
     if height * width <= max(4 * n, 1 << 16):
