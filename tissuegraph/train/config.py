@@ -41,13 +41,17 @@ class TrainConfig:
     """Optimisation and bookkeeping.
 
     ``batch_spots``: spots per spatial tile (before the halo). ``warmup_steps``: linear warm-up,
-    then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``. ``device``: ``auto`` (CUDA when
+    then cosine decay to ``min_lr_ratio * lr`` at ``max_steps`` (more than ``max_steps / 5`` is
+    clamped to ``max_steps // 5`` with a warning). ``device``: ``auto`` (CUDA when
     available), ``cpu``, ``cuda``, ``cuda:N``. ``precision``: ``auto`` (bf16 autocast on CUDA,
     fp32 on CPU), ``bf16`` or ``fp32``. ``compile``: ``torch.compile`` the model.
     ``log_every`` / ``eval_every`` / ``ckpt_every``: steps between metric rows, held-out
     evaluations and checkpoints (0: only at the end). ``keep_step_checkpoints``: also keep
-    ``step_N.pt`` at every ``ckpt_every``. ``val_fraction``: fraction of each slide's tiles held
-    out. ``max_eval_tiles``: held-out tiles used per evaluation.
+    ``step_N.pt`` at every ``ckpt_every``. ``ckpt_every_min``: also checkpoint when this many
+    minutes have passed since the last checkpoint (0: off). ``val_fraction``: fraction of each
+    slide's tiles held out. ``max_eval_tiles``: held-out tiles used per evaluation.
+    ``threads``: torch intra-op threads per process; 0 (auto) shares the CPUs of the affinity
+    mask among the local ranks (``LOCAL_WORLD_SIZE``).
     """
 
     max_steps: int = 1000
@@ -64,6 +68,8 @@ class TrainConfig:
     eval_every: int = 200
     ckpt_every: int = 500
     keep_step_checkpoints: bool = False
+    ckpt_every_min: float = 10.0
+    threads: int = 0
     num_workers: int = 0
     val_fraction: float = 0.1
     max_eval_tiles: int = 32
