@@ -1,50 +1,55 @@
-"""Neural network layers of tissuegraph: encoders, the heterogeneous GNN, heads, registry."""
+"""Neural network layers of tissuegraph: encoders, the heterogeneous GNN, heads, registry.
+
+The configs import without torch (so the CLI checks a config before loading torch); the
+layers are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from tissuegraph.nn.config import ImageEncoderConfig, ModelConfig
-from tissuegraph.nn.encoders import (
-    ExpressionEncoder,
-    FeatureEncoder,
-    ImageEncoder,
-    check_timm_name,
-    create_backbone,
-)
-from tissuegraph.nn.gnn import HeteroGNN
-from tissuegraph.nn.heads import ExpressionDecoder, LocalisationHead, ProjectionHead
-from tissuegraph.nn.model import (
-    TissueGraphModel,
-    build_model,
-    check_data_spec,
-    data_spec,
-    edge_scalars,
-    list_models,
-    load_model,
-    merge_data_specs,
-    model_config,
-    register_model,
-    save_model,
-)
 
-__all__ = [
-    "ImageEncoderConfig",
-    "ModelConfig",
-    "ExpressionEncoder",
-    "FeatureEncoder",
-    "ImageEncoder",
-    "check_timm_name",
-    "create_backbone",
-    "HeteroGNN",
-    "ExpressionDecoder",
-    "LocalisationHead",
-    "ProjectionHead",
-    "TissueGraphModel",
-    "build_model",
-    "check_data_spec",
-    "data_spec",
-    "edge_scalars",
-    "list_models",
-    "load_model",
-    "merge_data_specs",
-    "model_config",
-    "register_model",
-    "save_model",
-]
+_LAZY = {
+    "ExpressionEncoder": "tissuegraph.nn.encoders",
+    "FeatureEncoder": "tissuegraph.nn.encoders",
+    "ImageEncoder": "tissuegraph.nn.encoders",
+    "check_timm_name": "tissuegraph.nn.encoders",
+    "create_backbone": "tissuegraph.nn.encoders",
+    "HeteroGNN": "tissuegraph.nn.gnn",
+    "ExpressionDecoder": "tissuegraph.nn.heads",
+    "LocalisationHead": "tissuegraph.nn.heads",
+    "ProjectionHead": "tissuegraph.nn.heads",
+    "TissueGraphModel": "tissuegraph.nn.model",
+    "build_model": "tissuegraph.nn.model",
+    "check_data_spec": "tissuegraph.nn.model",
+    "data_spec": "tissuegraph.nn.model",
+    "edge_scalars": "tissuegraph.nn.model",
+    "list_models": "tissuegraph.nn.model",
+    "load_model": "tissuegraph.nn.model",
+    "merge_data_specs": "tissuegraph.nn.model",
+    "model_config": "tissuegraph.nn.model",
+    "register_model": "tissuegraph.nn.model",
+    "save_model": "tissuegraph.nn.model",
+}
+
+__all__ = ["ImageEncoderConfig", "ModelConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:  # a submodule, e.g. ``tissuegraph.nn.gnn`` after ``import tissuegraph.nn``
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
