@@ -68,3 +68,49 @@ def progress_bar(*args, **kwargs):
     if not getattr(stream, "isatty", lambda: False)():
         kwargs["mininterval"] = max(float(kwargs.get("mininterval") or 0.1), 30.0)
     return tqdm(*args, **kwargs)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask: what ``taskset``, cgroups or a SLURM
+    allocation leave it), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(requested: int = 0) -> int:
+    """Intra-op threads torch should use in this process.
+
+    ``requested > 0`` is used as given. Otherwise (auto) the CPUs of the affinity mask are
+    shared among the processes of this machine: divided by ``LOCAL_WORLD_SIZE`` (set by
+    ``torchrun``), so that ranks on one machine never oversubscribe it. Outside ``torchrun``
+    an ``OMP_NUM_THREADS`` set in the environment caps the count (``torchrun`` sets it to 1
+    for every multi-rank launch, so there it is not taken as the user's choice).
+    """
+    if requested and int(requested) > 0:
+        return int(requested)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    try:
+        n_local = max(1, int(local)) if local else 1
+    except ValueError:
+        n_local = 1
+    n = max(1, cpu_count() // n_local)
+    if not local:
+        try:
+            omp = int(os.environ.get("OMP_NUM_THREADS", "0"))
+        except ValueError:
+            omp = 0
+        if omp > 0:
+            n = min(n, omp)
+    return n
+
+
+def set_torch_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads to :func:`torch_threads` and return the count."""
+    import torch
+
+    n = torch_threads(requested)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
