@@ -1,8 +1,13 @@
-"""The ``tissuegraph`` command line: parses a config and overrides, calls the public API."""
+"""The ``tissuegraph`` command line: parses a config and overrides, calls the public API.
+
+Start-up stays light: ``--help``, usage errors and config errors (checked against the config
+dataclasses) answer before torch or scanpy is imported; each command imports what it needs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,11 +32,12 @@ def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _build_graphs(args) -> int:
     from tissuegraph.config import load_config
     from tissuegraph.graph.config import BuildConfig
-    from tissuegraph.graph.pipeline import build_graphs
 
     cfg = load_config(BuildConfig, args.config, args.overrides)
     if args.n_jobs is not None:
         cfg.n_jobs = args.n_jobs
+    from tissuegraph.graph.pipeline import build_graphs  # torch: only once the config is valid
+
     build_graphs(cfg, force=args.force, progress=not args.quiet)
     return 0
 
@@ -46,16 +52,32 @@ def _inspect(args) -> int:
 def _pretrain(args) -> int:
     from tissuegraph.config import load_config
     from tissuegraph.train.config import PretrainConfig
-    from tissuegraph.train.loop import pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    from tissuegraph.train.loop import METRICS, TrainingInterrupted, pretrain
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        ckpt = pretrain(cfg, resume=args.resume, progress=not args.quiet)
+    except TrainingInterrupted as exc:  # a checkpoint was written: say where, exit 128 + signal
+        if rank0:
+            print(f"tissuegraph: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    if rank0:
+        print(f"pretrain: wrote {ckpt}; metrics {Path(cfg.run_dir) / METRICS}")
     return 0
+
+
+def _torch_threads() -> None:
+    from tissuegraph._utils import set_torch_threads
+
+    set_torch_threads()
 
 
 def _embed(args) -> int:
     from tissuegraph import io, tl
 
+    _torch_threads()
     adata = io.read_any(args.input)
     tl.embed(adata, args.checkpoint, kind=args.kind, device=args.device, key_added=args.key)
     io.write_h5ad(adata, args.out)
@@ -78,6 +100,7 @@ def _niches(args) -> int:
 def _predict(args) -> int:
     from tissuegraph import io, tl
 
+    _torch_threads()
     pred = tl.predict_expression(
         args.input,
         args.checkpoint,
@@ -93,6 +116,7 @@ def _predict(args) -> int:
 def _demo(args) -> int:
     from tissuegraph.demo import run_demo
 
+    _torch_threads()
     report = run_demo(args.out, quick=args.quick, progress=not args.quiet, seed=args.seed)
     print(report)
     return 0

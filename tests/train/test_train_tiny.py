@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,9 +19,10 @@ import torch
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
 from tissuegraph.nn.testing import tiny_graph, write_graph_dir
+from tissuegraph.train import loop as loop_mod
 from tissuegraph.train.checkpoint import load_model
 from tissuegraph.train.infer import embed_graph, predict_graph
-from tissuegraph.train.loop import Trainer, pretrain
+from tissuegraph.train.loop import Trainer, TrainingInterrupted, pretrain
 from tissuegraph.train.objectives import apply_masks
 from tissuegraph.train.sampler import SlideIndex, TileSampler
 
@@ -52,7 +55,7 @@ def _cfg(graph_dir, run_dir, **train):
         "log_every": 1,
         "eval_every": 3,
         "ckpt_every": 3,
-        "warmup_steps": 2,
+        "warmup_steps": 1,
         "val_fraction": 0.2,
         "tensorboard": False,
     }
@@ -68,6 +71,32 @@ def _cfg(graph_dir, run_dir, **train):
 
 def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_rows(ref, got):
+    ra = {r["step"]: r for r in ref}
+    for r in got:
+        for k in r:
+            if k != "spots_per_s":
+                assert ra[r["step"]][k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (r["step"], k)
+
+
+@pytest.fixture
+def one_thread():
+    yield
+    torch.set_num_threads(1)
+
+
+def _signal_at(monkeypatch, at_step: int, sig: int):
+    """Send ``sig`` to this process while the loop draws the tile of step ``at_step + 1``."""
+    orig = Trainer._tile
+
+    def tile(self, step):
+        if step == at_step:
+            os.kill(os.getpid(), sig)
+        return orig(self, step)
+
+    monkeypatch.setattr(Trainer, "_tile", tile)
 
 
 def test_sampler_tiles_deterministic_and_disjoint_from_validation():
@@ -314,3 +343,164 @@ def test_ddp_gloo_two_processes_identical_weights(graph_dir, tmp_path):
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------ long runs
+def test_sigint_saves_checkpoint_and_resume_reproduces(graph_dir, tmp_path, capsys):
+    """Ctrl-C in the CLI finishes the step, writes last.pt and exits 130 with one line; the
+    resumed run's metric rows equal those of an uninterrupted run."""
+    ref = tmp_path / "ref"
+    kw = {"max_steps": 6, "ckpt_every": 0, "ckpt_every_min": 0, "eval_every": 3}
+    pretrain(_cfg(graph_dir, ref, **kw), progress=False)
+
+    run = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.json"  # JSON is YAML
+    cfg_file.write_text(json.dumps(_cfg(graph_dir, run, **kw)))
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys, torch
+        torch.set_num_threads(1)
+        from tissuegraph.cli import main
+        from tissuegraph.train.loop import Trainer
+        orig = Trainer._tile
+        def tile(self, step):
+            if step == 3:  # during the 4th step
+                os.kill(os.getpid(), signal.SIGINT)
+            return orig(self, step)
+        Trainer._tile = tile
+        sys.exit(main(["pretrain", "--config", {str(cfg_file)!r}, "--quiet"]))
+    """)
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "SIGINT" in last and "step 4 of 6" in last and "--resume" in last, last
+    assert str(run / "checkpoints" / "last.pt") in last
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+
+    from tissuegraph.cli import main
+
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(cfg_file), "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == (
+        f"pretrain: wrote {run / 'checkpoints' / 'last.pt'}; metrics {run / 'metrics.jsonl'}"
+    )
+    # the bar starts at the checkpoint's step, counts to max_steps and shows a rate
+    assert "4/6" in err and "6/6" in err and "step/s" in err
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    _same_rows(_rows(ref), rows)
+    wa = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
+def test_sigterm_in_process_raises_after_checkpoint(graph_dir, tmp_path, monkeypatch):
+    _signal_at(monkeypatch, 1, signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "r"
+    with pytest.raises(TrainingInterrupted, match="SIGTERM") as info:
+        pretrain(_cfg(graph_dir, run, max_steps=5, eval_every=0, ckpt_every=0), progress=False)
+    assert info.value.step == 2 and info.value.signum == signal.SIGTERM
+    assert info.value.checkpoint == run / "checkpoints" / "last.pt"
+    assert torch.load(info.value.checkpoint, weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers are restored
+
+
+def test_time_based_checkpoints(graph_dir, tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(loop_mod, "_clock", lambda: now[0])
+    orig = Trainer._tile
+
+    def tile(self, step):
+        now[0] += 4 * 60.0  # every step "takes" four minutes
+        return orig(self, step)
+
+    saved = []
+    orig_ckpt = Trainer._checkpoint
+
+    def spy(self, path, rngs):
+        saved.append((self.step, path.name))
+        return orig_ckpt(self, path, rngs)
+
+    monkeypatch.setattr(Trainer, "_tile", tile)
+    monkeypatch.setattr(Trainer, "_checkpoint", spy)
+    cfg = _cfg(graph_dir, tmp_path / "r", max_steps=7, eval_every=0, ckpt_every=0)
+    cfg["train"]["ckpt_every_min"] = 10
+    pretrain(cfg, progress=False)
+    # due once 10 min have passed since the last one (checked as a step starts): 3, 6, end
+    assert saved == [(3, "last.pt"), (6, "last.pt"), (7, "last.pt")]
+
+
+def test_warmup_clamp_and_threads_under_two_local_ranks(
+    graph_dir, tmp_path, monkeypatch, one_thread
+):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    loop_mod.log.addHandler(handler)
+    try:
+        tr = Trainer(_cfg(graph_dir, tmp_path / "r", max_steps=10, warmup_steps=5))
+        assert seen == ["train.warmup_steps=5 is more than a fifth of train.max_steps=10: using 2"]
+        assert tr.cfg.train.warmup_steps == 2
+        assert tr.scheduler.lr_lambdas[0](1) == pytest.approx(1.0)  # warm-up over after 2 steps
+        assert tr.threads == 2 and torch.get_num_threads() == 2
+        tr = Trainer(_cfg(graph_dir, tmp_path / "r", max_steps=10, warmup_steps=2, threads=1))
+        assert len(seen) == 1
+        assert tr.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        loop_mod.log.removeHandler(handler)
+    with pytest.raises(ConfigError, match="threads"):
+        Trainer(_cfg(graph_dir, tmp_path / "r", threads=-1))
+
+
+def test_ddp_interrupt_on_one_rank_stops_all(graph_dir, tmp_path):
+    """A signal seen by rank 1 alone stops both ranks after the same step; rank 0 writes."""
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import os, signal, torch
+        from tissuegraph.train.loop import Trainer, TrainingInterrupted
+        rank = int(os.environ["RANK"])
+        orig = Trainer._tile
+        def tile(self, step):
+            if step == 1 and rank == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return orig(self, step)
+        Trainer._tile = tile
+        cfg = {_cfg(graph_dir, tmp_path / "run", max_steps=5, eval_every=0, ckpt_every=0)!r}
+        tr = Trainer(cfg, progress=False)
+        try:
+            tr.fit()
+        except TrainingInterrupted as exc:
+            open("{tmp_path}/stopped%d" % rank, "w").write(str(exc.step))
+    """)
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "stopped0").read_text() == (tmp_path / "stopped1").read_text() == "2"
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]

@@ -3,14 +3,22 @@
 Multi-GPU / multi-node: ``torchrun --nproc-per-node N -m tissuegraph pretrain --config FILE``
 (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment turn on DDP: NCCL on CUDA,
 gloo on CPU; each rank draws different tiles; only rank 0 writes).
+
+Long runs: SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes
+``checkpoints/last.pt`` and raises :class:`TrainingInterrupted`; ``resume=True`` continues
+exactly. ``train.ckpt_every_min`` also checkpoints on a time interval. Under DDP the ranks
+agree on both through the all-reduce every step already does, so they never diverge.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tissuegraph import __version__
+from tissuegraph._utils import set_torch_threads
 from tissuegraph.config import save_config, to_dict
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
@@ -35,11 +44,73 @@ from tissuegraph.train.evaluate import evaluate
 from tissuegraph.train.objectives import TERMS, Objectives, apply_masks
 from tissuegraph.train.sampler import SlideIndex, TileSampler
 
-__all__ = ["pretrain", "Trainer", "load_graph_dir", "resolve_device"]
+__all__ = ["pretrain", "Trainer", "TrainingInterrupted", "load_graph_dir", "resolve_device"]
 
 CKPT_DIR = "checkpoints"
 LAST = "last.pt"
 METRICS = "metrics.jsonl"
+
+_clock = time.monotonic  # the clock of time-based checkpoints (tests replace it)
+log = logging.getLogger("tissuegraph.train")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after writing a checkpoint it can be resumed from.
+
+    Attributes: ``checkpoint`` (path), ``step`` (steps done and saved), ``signum``.
+    """
+
+    def __init__(self, checkpoint: Path, step: int, max_steps: int, signum: int):
+        self.checkpoint, self.step, self.signum = Path(checkpoint), int(step), int(signum)
+        super().__init__(
+            f"pretrain interrupted ({_signame(signum)}) at step {step} of {max_steps}: "
+            f"wrote {checkpoint}; continue with --resume"
+        )
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM only record that a stop was asked for; the loop
+    checks :attr:`signum` once per step. A second Ctrl-C aborts at once, without saving."""
+
+    def __init__(self, announce: bool):
+        self.signum = 0
+        self.announce = announce
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals are only delivered to the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except (ValueError, OSError):  # pragma: no cover - e.g. an embedded interpreter
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            if signum == signal.SIGINT == self.signum:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        if self.announce:
+            log.warning(
+                "pretrain: %s: saving a checkpoint after this step "
+                "(Ctrl-C again to stop without saving)",
+                _signame(signum),
+            )
+
+    def __exit__(self, *exc) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous = {}
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -111,6 +182,10 @@ def _validate(cfg: DictConfig) -> None:
     t, o = cfg.train, cfg.objectives
     if t.max_steps < 1:
         raise ConfigError("train.max_steps must be >= 1")
+    if t.threads < 0:
+        raise ConfigError("train.threads must be >= 0 (0: one share of the CPUs per local rank)")
+    if t.ckpt_every_min < 0:
+        raise ConfigError("train.ckpt_every_min must be >= 0 (0: no time-based checkpoints)")
     if t.batch_spots < 2:
         raise ConfigError("train.batch_spots must be >= 2")
     if t.precision not in ("auto", "bf16", "fp32"):
@@ -123,6 +198,21 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("all objective weights are 0: nothing to train")
     if o.temperature_min <= 0:
         raise ConfigError("objectives.temperature_min must be > 0")
+
+
+def _clamp_warmup(cfg: DictConfig, warn: bool) -> None:
+    """Warm-up longer than a fifth of the run leaves too little of the cosine decay: clamp it."""
+    t = cfg.train
+    if t.warmup_steps > t.max_steps / 5:
+        cap = t.max_steps // 5
+        if warn:
+            log.warning(
+                "train.warmup_steps=%d is more than a fifth of train.max_steps=%d: using %d",
+                t.warmup_steps,
+                t.max_steps,
+                cap,
+            )
+        t.warmup_steps = cap
 
 
 def _lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -152,12 +242,15 @@ class Trainer:
         self.cfg, self.progress, self.resume = cfg, progress, resume
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / CKPT_DIR / LAST
+        self.metrics_path = self.run_dir / METRICS
 
         # distributed
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world_size > 1
+        _clamp_warmup(cfg, warn=self.rank == 0)
+        self.threads = set_torch_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device, self.local_rank)
 
         # input (nothing written yet)
@@ -342,19 +435,17 @@ class Trainer:
         torch.manual_seed(int(cfg.seed) + 1 + self.rank)
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
-        metrics_path = self.run_dir / METRICS
+        metrics_path = self.metrics_path
         writer = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / S.RESOLVED_CONFIG)
-            if self.resume and metrics_path.exists():  # drop rows after the checkpoint
-                rows = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
-                rows = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
-                from tissuegraph._utils import write_text_atomic
-
-                write_text_atomic(metrics_path, "".join(r + "\n" for r in rows))
-            elif not self.resume and metrics_path.exists():
-                metrics_path.unlink()
+            csv_path = self.run_dir / "metrics.csv"
+            if self.resume:  # drop rows logged after the checkpoint (a stop after it)
+                self._truncate_metrics(metrics_path, csv_path)
+            else:
+                metrics_path.unlink(missing_ok=True)
+                csv_path.unlink(missing_ok=True)
             if t.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -376,16 +467,27 @@ class Trainer:
         self.model.train()
         n_spots, t0 = 0, time.perf_counter()
         last_eval: dict = {}
+        every_s = float(t.ckpt_every_min) * 60.0
+        last_ckpt = _clock()
+        stop = _StopOnSignal(announce=main)
         try:
+            stop.__enter__()
             while self.step < t.max_steps:
                 tile = self._tile(self.step).to(self.device)
                 with self._autocast():
                     losses = module(tile)
                 bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()).all())]
-                flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+                # one collective per step: a non-finite loss anywhere, a stop signal anywhere,
+                # rank 0's clock saying a checkpoint is due; so every rank decides alike
+                due = main and every_s > 0 and _clock() - last_ckpt >= every_s
+                flag = torch.tensor(
+                    [1.0 if bad else 0.0, float(stop.signum), 1.0 if due else 0.0],
+                    device=self.device,
+                )
                 if self.distributed:
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() > 0:
+                nonfinite, signum, due = (float(v) for v in flag.tolist())
+                if nonfinite > 0:
                     name = bad[0] if bad else "on another rank"
                     raise TissueGraphError(
                         f"non-finite loss term {name!r} at step {self.step + 1} "
@@ -445,13 +547,22 @@ class Trainer:
                                 if k in row
                             }
                         )
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or at_end:
+                # the step is complete: a stop saves it, so a resumed run repeats nothing
+                interrupted = signum > 0 and not at_end
+                every = bool(t.ckpt_every) and self.step % t.ckpt_every == 0
+                if every or at_end or due > 0 or interrupted:
                     rngs = self._gather_rng()
                     if main:
                         self._checkpoint(self.ckpt_path, rngs)
-                        if t.keep_step_checkpoints and not at_end:
+                        if t.keep_step_checkpoints and every and not at_end:
                             self._checkpoint(self.ckpt_path.parent / f"step_{self.step}.pt", rngs)
+                    last_ckpt = _clock()
+                if interrupted:
+                    if self.distributed:
+                        dist.barrier()  # rank 0 has written the checkpoint
+                    raise TrainingInterrupted(self.ckpt_path, self.step, t.max_steps, int(signum))
         finally:
+            stop.__exit__()
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -460,6 +571,18 @@ class Trainer:
             dist.barrier()
         self.last_eval = last_eval
         return self.ckpt_path
+
+    def _truncate_metrics(self, jsonl: Path, csv: Path) -> None:
+        from tissuegraph._utils import write_text_atomic
+
+        if jsonl.exists():
+            rows = [ln for ln in jsonl.read_text().splitlines() if ln.strip()]
+            rows = [r for r in rows if json.loads(r).get("step", 0) <= self.step]
+            write_text_atomic(jsonl, "".join(r + "\n" for r in rows))
+        if csv.exists():
+            lines = csv.read_text().splitlines()
+            kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= self.step]
+            write_text_atomic(csv, "".join(ln + "\n" for ln in kept))
 
     def _csv(self, row: dict) -> None:
         p = self.run_dir / "metrics.csv"
@@ -482,7 +605,13 @@ def pretrain(cfg, *, resume: bool = False, progress: bool = True) -> Path:
         Continue from ``run_dir/checkpoints/last.pt`` (exactly: model, optimiser, scheduler,
         sampler and RNG states).
     progress
-        Show a tqdm bar (rank 0).
+        Show a tqdm bar (rank 0) with the run's ETA.
+
+    Raises
+    ------
+    TrainingInterrupted
+        On SIGINT (Ctrl-C) or SIGTERM, after finishing the current step and writing
+        ``run_dir/checkpoints/last.pt``; ``resume=True`` continues from it.
 
     Returns
     -------
