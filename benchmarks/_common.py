@@ -8,7 +8,7 @@ Every benchmark writes one JSON file to ``benchmarks/results/`` with this layout
       "title": "...",                        # one line
       "mode": "full" | "quick",
       "date": "2026-11-23T12:00:00+00:00",   # UTC, when the run finished
-      "command": "uv run python benchmarks/domains_dlpfc.py --quick",
+      "command": "uv run --group bench python benchmarks/domains_dlpfc.py --quick",
       "machine": {...},                      # CPU, cores, memory, torch threads, versions
       "params": {...},                       # everything that changes the numbers
       "runs": [{...}, ...],                  # one record per method x section x seed x ...
@@ -210,7 +210,9 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     script = Path(argv[0]) if argv else Path("?")
     with contextlib.suppress(ValueError):
         script = script.resolve().relative_to(ROOT)
-    return "uv run python " + " ".join(shlex.quote(a) for a in [str(script), *argv[1:]])
+    return "uv run --group bench python " + " ".join(
+        shlex.quote(a) for a in [str(script), *argv[1:]]
+    )
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -1,6 +1,6 @@
 """Benchmark: graph building (tissuegraph) against squidpy doing the same steps.
 
-    uv run python benchmarks/build_graphs.py [--quick] [--threads 1] [--out FILE]
+    uv run --group bench python benchmarks/build_graphs.py [--quick] [--threads 1] [--out FILE]
 
 Cases: DLPFC 151673 (Visium, lowres image), one HER2+ ST section (full-resolution JPEG), and
 simulated slides of 100k and 1M spots without image (``--quick``: 20k). Every case x method

@@ -31,7 +31,7 @@ weights, download them once and point ``--checkpoint-path`` at the file, e.g. UN
 ``hf-hub:MahmoodLab/UNI`` repository) or Virchow (``hf-hub:paige-ai/Virchow``); timm hub ids
 (``hf-hub:...``) are accepted as ``--backbone`` where the network is available.
 
-Run ``uv run python benchmarks/image_to_expression_her2st.py [--quick]``.
+Run ``uv run --group bench python benchmarks/image_to_expression_her2st.py [--quick]``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Cases: DLPFC 151673 (labels = manual layers, unlabelled spots dropped), a HER2ST
 (labels = each spot's dominant cell type from the authors' stereoscope proportions) and, in
 the full run, a simulated 50,000-spot slide (labels = true niches) to show how the gap grows.
 
-Run ``uv run python benchmarks/niche_enrichment.py [--quick]``.
+Run ``uv run --group bench python benchmarks/niche_enrichment.py [--quick]``.
 """
 
 from __future__ import annotations

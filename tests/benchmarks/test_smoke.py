@@ -34,6 +34,7 @@ def test_loglog_slope():
     assert _common.loglog_slope([1e4], [1.0]) is None
 
 
+@pytest.mark.interop  # runs squidpy (bench group)
 def test_niche_enrichment_case_and_report(tmp_path):
     adata = ne.case_synthetic(1500)
     rec = ne.bench_case(adata, n_perms=200, repeats=1)
@@ -54,7 +55,7 @@ def test_niche_enrichment_case_and_report(tmp_path):
     )
     doc = json.loads(out.read_text())
     assert doc["mode"] == "quick" and doc["machine"]["cpu_count"] >= 1
-    assert doc["command"].startswith("uv run python benchmarks/niche_enrichment.py")
+    assert doc["command"].startswith("uv run --group bench python benchmarks/niche_enrichment.py")
     text = report.render(tmp_path)
     assert ne.TITLE in text and "quick run" in text
     assert ("**met**" in text) or ("**missed**" in text)
@@ -126,8 +127,7 @@ def test_pearson_and_probe_scores():
     assert s["per_gene"]["d"] is None
 
 
-def test_image_to_expression_fold_synthetic(tmp_path):
-    """One leave-one-out fold on three small simulated slides with images, all methods."""
+def _her_sections(tmp_path):
     from tissuegraph.datasets import simulate_slide
     from tissuegraph.graph.config import SlideSpec
     from tissuegraph.io import write_h5ad
@@ -140,12 +140,28 @@ def test_image_to_expression_fold_synthetic(tmp_path):
         sections.append(
             her.Section(name, adata, SlideSpec(name=name, format="h5ad", path=str(path)))
         )
-    s = her.Settings(n_genes=20, steps=2, squidpy_features=["summary"])
+    return sections
+
+
+@pytest.mark.interop  # squidpy's image features (bench group)
+def test_image_to_expression_squidpy_features(tmp_path):
+    sections = _her_sections(tmp_path)
+    s = her.Settings(n_genes=20, methods=["squidpy_features"], squidpy_features=["summary"])
+    (run,) = her.run_fold(sections[0], sections[1:], s, tmp_path / "work", {})
+    assert run["method"] == "squidpy_features" and run["held_out"] == "S1"
+    assert run["n_features"] > 0 and np.isfinite(run["pearson"]) and -1 <= run["pearson"] <= 1
+
+
+def test_image_to_expression_fold_synthetic(tmp_path):
+    """One leave-one-out fold on three small simulated slides with images, every method
+    but squidpy's features (an interop test, above)."""
+    sections = _her_sections(tmp_path)
+    methods = [m for m in her.METHODS if m != "squidpy_features"]
+    s = her.Settings(n_genes=20, steps=2, methods=methods)
     runs = her.run_fold(sections[0], sections[1:], s, tmp_path / "work", {})
-    methods = {r["method"] for r in runs}
-    assert methods == set(her.METHODS)
+    assert {r["method"] for r in runs} == set(methods)
     for r in runs:
         assert r["held_out"] == "S1" and "S1" not in r["train"]
         assert np.isfinite(r["pearson"]) and -1 <= r["pearson"] <= 1
     cols, rows, targets = her.summarise(runs, s)
-    assert len(rows) == len(her.METHODS) and len(targets) == 2
+    assert len(rows) == len(methods) and len(targets) == 2

@@ -47,8 +47,10 @@ def test_aggregation_baseline_recovers_cortical_layers(dlpfc):
     assert list(dlpfc.obs["tg_niche"].cat.categories) == [str(i) for i in range(7)]
 
 
+@pytest.mark.interop  # squidpy: bench group, `uv run --group bench pytest -m interop`
 def test_nhood_enrichment_matches_squidpy(dlpfc):
-    sq = pytest.importorskip("squidpy")
+    import squidpy as sq
+
     a = dlpfc.copy()
     sq.gr.nhood_enrichment(a, cluster_key="tg_niche", n_perms=20, seed=0, show_progress_bar=False)
     t = time.perf_counter()
