@@ -24,6 +24,7 @@ from tissuegraph._utils import file_hash, stable_hash
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.config import BuildConfig, SlideSpec
+from tissuegraph.graph.coords import array_rc, grid_kind, microns_per_pixel, positions_um
 from tissuegraph.graph.genes import (
     as_csr,
     normalize_counts,
@@ -250,37 +251,20 @@ def _tg(adata) -> dict:
 
 
 def _microns_per_pixel(adata) -> float | None:
-    mpp = _tg(adata).get("microns_per_pixel")
-    return float(mpp) if mpp else None
+    """Ours (``uns["tissuegraph"]``), else from the standard layout (``graph.coords``)."""
+    return microns_per_pixel(adata)
 
 
 def _positions_um(adata) -> np.ndarray:
-    if "spatial_um" in adata.obsm:
-        return np.asarray(adata.obsm["spatial_um"], dtype=np.float64)
-    mpp = _microns_per_pixel(adata)
-    if "spatial" in adata.obsm and mpp:
-        return np.asarray(adata.obsm["spatial"], dtype=np.float64) * mpp
-    raise InputError(
-        "the slide has no obsm['spatial_um'] (nor obsm['spatial'] with "
-        "uns['tissuegraph']['microns_per_pixel']); read it with tissuegraph.io"
-    )
+    return positions_um(adata)
 
 
 def _array_rc(adata) -> np.ndarray | None:
-    if "array_row" in adata.obs and "array_col" in adata.obs:
-        return np.stack(
-            [np.asarray(adata.obs["array_row"]), np.asarray(adata.obs["array_col"])], axis=1
-        ).astype(np.int64)
-    return None
+    return array_rc(adata)
 
 
 def _grid_kind(adata, rc: np.ndarray | None) -> str:
-    g = _tg(adata).get("grid")
-    if g in ("hex", "square"):
-        return g
-    if rc is not None and len(rc) and len(np.unique((rc[:, 0] + rc[:, 1]) % 2)) == 1:
-        return "hex"
-    return "square"
+    return grid_kind(adata, rc)
 
 
 def _has_image(adata) -> bool:

@@ -70,7 +70,10 @@ def graph_for_adata(adata, info: dict, *, slide_name: str | None = None, progres
     from tissuegraph.graph.pipeline import build_slide_graph
 
     cfg = _existing_priors(info.get("build_config") or {})
-    lib = (adata.uns.get("tissuegraph") or {}).get("library_id") or "slide"
+    spatial = adata.uns.get("spatial") or {}
+    lib = (adata.uns.get("tissuegraph") or {}).get("library_id") or (
+        next(iter(spatial)) if len(spatial) == 1 else "slide"
+    )
     return build_slide_graph(
         adata,
         cfg,
@@ -108,7 +111,10 @@ def embed(
     Parameters
     ----------
     adata
-        One slide in the tissuegraph layout (raw counts, ``obsm['spatial_um']``, image).
+        One slide with raw counts: tissuegraph's layout (``obsm['spatial_um']``) or the
+        standard one of scanpy / squidpy readers (``obsm['spatial']`` in full-resolution
+        pixels, ``uns['spatial'][library_id]['scalefactors']``; µm per pixel from the spot
+        lattice or the scale factors, see ``tissuegraph.graph.coords``).
     checkpoint
         Path of a checkpoint written by ``pretrain`` (or a ``(model, info)`` pair from
         ``tissuegraph.train.checkpoint.load_model``).
