@@ -15,32 +15,36 @@ from tissuegraph.tl._core import (
     store_params,
 )
 
-CONN_KEY = "spatial_connectivities"
-DIST_KEY = "spatial_distances"
+#: squidpy's default key of the spatial graph: ``obsp[f"{SPATIAL_KEY}_connectivities"]``,
+#: ``obsp[f"{SPATIAL_KEY}_distances"]``, ``uns[f"{SPATIAL_KEY}_neighbors"]``
+SPATIAL_KEY = "spatial"
+CONN_KEY = f"{SPATIAL_KEY}_connectivities"
+DIST_KEY = f"{SPATIAL_KEY}_distances"
+METHODS = ("grid", "knn", "radius", "delaunay")
 
 
-def _coords_um(adata) -> tuple[np.ndarray, str]:
-    """Spot centres in µm when known (``obsm['spatial_um']``), else ``obsm['spatial']`` (px)."""
-    if "spatial_um" in adata.obsm:
-        return np.asarray(adata.obsm["spatial_um"], dtype=np.float64), "um"
-    if "spatial" in adata.obsm:
-        xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        mpp = (adata.uns.get("tissuegraph") or {}).get("microns_per_pixel")
-        if mpp:
-            return xy * float(mpp), "um"
-        return xy, "px"
-    raise InputError(
-        "spatial_neighbors: obsm['spatial'] not found: read the slide with tissuegraph.io "
-        "(spot centres are needed)"
-    )
+def spot_coords(adata, func: str = "spatial_neighbors") -> tuple[np.ndarray, str]:
+    """Spot centres and their unit: µm when known (``obsm['spatial_um']``, or
+    ``obsm['spatial']`` with a pixel size from ``uns['tissuegraph']`` or the standard
+    scale factors), else ``obsm['spatial']`` in pixels."""
+    from tissuegraph.graph.coords import positions_um
+
+    try:
+        return positions_um(adata, func=func), "um"
+    except InputError:
+        if "spatial" not in adata.obsm:
+            raise InputError(
+                f"{func}: obsm['spatial'] not found: spot centres are needed (read the slide "
+                "with tissuegraph.io or scanpy / squidpy)"
+            ) from None
+        return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2], "px"
 
 
 def _nn_spacing(xy: np.ndarray) -> float:
-    from sklearn.neighbors import NearestNeighbors
+    from scipy.spatial import cKDTree
 
-    k = min(2, xy.shape[0])
-    d, _ = NearestNeighbors(n_neighbors=k).fit(xy).kneighbors(xy)
-    d = d[:, -1]
+    d, _ = cKDTree(xy).query(xy, k=min(2, xy.shape[0]))
+    d = np.atleast_2d(d)[:, -1]
     d = d[d > 0]
     if d.size == 0:
         raise InputError("spatial_neighbors: all spot centres coincide")
@@ -54,75 +58,96 @@ def spatial_neighbors(
     rings: int = 1,
     k: int = 6,
     radius: float | None = None,
+    square_neighbors: int = 4,
+    key_added: str = SPATIAL_KEY,
     copy: bool = False,
 ):
-    """Spot adjacency for squidpy-style spatial statistics.
+    """Spot adjacency in squidpy's layout, built by :func:`tissuegraph.graph.spatial.spot_graph`
+    (the same builder as the graphs of ``build-graphs``).
 
-    ``grid`` connects each spot to the lattice rings around it: spots within
-    ``(rings + 0.25) x`` the lattice spacing (estimated as the median nearest-neighbour
-    distance, so 6 neighbours per ring on Visium's hexagonal lattice and 4 on a square
-    ST lattice). ``knn`` uses the ``k`` nearest spots (symmetrised), ``radius`` all
-    spots within ``radius`` (in µm when ``obsm['spatial_um']`` or the pixel size is known,
-    else in pixels).
+    ``grid`` connects each spot to the lattice rings around it from its array coordinates
+    (``obs['array_row'/'array_col']``): 6 neighbours per ring on Visium's hexagonal
+    lattice, 4 (or 8, ``square_neighbors``) on a square ST / Visium HD lattice; this is
+    squidpy's ``coord_type="grid"`` graph. Without array coordinates ``grid`` takes the
+    spots within ``(rings + 0.25) x`` the lattice spacing (the median nearest-neighbour
+    distance). ``knn`` uses the ``k`` nearest spots (symmetrised), ``radius`` all spots
+    within ``radius``, ``delaunay`` the Delaunay triangulation without its long hull edges.
+    Lengths are in µm when the pixel size is known (``obsm['spatial_um']``,
+    ``uns['tissuegraph']`` or the standard Visium scale factors), else in pixels.
 
     Parameters
     ----------
     adata
-        AnnData with ``obsm['spatial']`` (and ideally ``obsm['spatial_um']``).
+        AnnData with ``obsm['spatial']`` (tissuegraph's readers, scanpy's or squidpy's).
     method
-        ``"grid"``, ``"knn"`` or ``"radius"``.
-    rings, k, radius
+        ``"grid"``, ``"knn"``, ``"radius"`` or ``"delaunay"``.
+    rings, k, radius, square_neighbors
         Size of the neighbourhood for each method.
+    key_added
+        Prefix of the keys written (squidpy's default ``"spatial"``).
     copy
         Return a modified copy instead of writing in place.
 
     Returns
     -------
-    Writes ``obsp['spatial_connectivities']`` (binary, symmetric CSR ``[N, N]``),
-    ``obsp['spatial_distances']`` (same pattern, distances) and
-    ``uns['spatial_neighbors']`` (squidpy's keys + ``params``). ``None`` or the copy.
+    Writes ``obsp[f'{key_added}_connectivities']`` (binary, symmetric CSR float32
+    ``[N, N]``, no self loops), ``obsp[f'{key_added}_distances']`` (same pattern, edge
+    lengths) and ``uns[f'{key_added}_neighbors']`` (squidpy's ``connectivities_key``,
+    ``distances_key`` and ``params``). ``None`` or the copy.
     """
+    from tissuegraph.errors import ConfigError
+    from tissuegraph.graph.coords import array_rc, grid_kind
+    from tissuegraph.graph.spatial import spot_graph
+
     func = "spatial_neighbors"
     check_adata(adata, func)
-    check_choice(method, "method", ("grid", "knn", "radius"), func)
+    check_choice(method, "method", METHODS, func)
+    rings = check_int(rings, "rings", func)
+    k = check_int(k, "k", func)
+    if square_neighbors not in (4, 8):
+        raise InputError(f"{func}: square_neighbors must be 4 or 8, got {square_neighbors!r}")
+    if method == "radius" and (radius is None or not radius > 0):
+        raise InputError(f"{func}: method='radius' needs radius > 0, got {radius!r}")
     adata = adata.copy() if copy else adata
-    xy, unit = _coords_um(adata)
+    xy, unit = spot_coords(adata, func)
     n = xy.shape[0]
-    from sklearn.neighbors import NearestNeighbors
-
-    if method == "knn":
-        k = check_int(k, "k", func)
-        kk = min(k + 1, n)
-        dist, idx = NearestNeighbors(n_neighbors=kk).fit(xy).kneighbors(xy)
-        rows = np.repeat(np.arange(n), kk)
-        d = sp.csr_matrix((dist.ravel(), (rows, idx.ravel())), shape=(n, n))
-        d = d.maximum(d.T).tocsr()
-    else:
-        if method == "grid":
-            rings = check_int(rings, "rings", func)
-            r = (rings + 0.25) * _nn_spacing(xy) if n > 1 else 1.0
-        else:
-            if radius is None or not radius > 0:
-                raise InputError(f"{func}: method='radius' needs radius > 0, got {radius!r}")
-            r = float(radius)
-        d = NearestNeighbors(radius=r).fit(xy).radius_neighbors_graph(xy, mode="distance")
-        d = d.tocsr()
-    d.setdiag(0)
-    d.eliminate_zeros()
-    # keep coincident spots connected: distances of exactly 0 were dropped above
+    rc = array_rc(adata) if method == "grid" else None
+    kw: dict = {"method": method, "k": k, "rings": rings, "square_neighbors": square_neighbors}
+    lattice = None
+    if method == "grid" and rc is not None:
+        lattice = grid_kind(adata, rc)
+        kw.update(array_rc=rc, grid=lattice)
+    elif method == "grid":  # no lattice coordinates: rings of the measured spacing
+        r = (rings + 0.25) * _nn_spacing(xy) if n > 1 else 1.0
+        kw.update(method="radius", radius_um=r)
+    elif method == "radius":
+        kw["radius_um"] = float(radius)
+    try:
+        ei, dist = spot_graph(xy, **kw)
+    except ConfigError as exc:
+        raise InputError(f"{func}: {exc}") from None
+    d = sp.csr_matrix((dist.astype(np.float64), (ei[0], ei[1])), shape=(n, n))
     d.sort_indices()
-    conn = d.copy()
-    conn.data = np.ones_like(conn.data, dtype=np.float32)
-    adata.obsp[CONN_KEY] = conn.astype(np.float32)
-    adata.obsp[DIST_KEY] = d.astype(np.float64)
-    params = {"method": method, "rings": rings, "k": k, "radius": r if method != "knn" else None}
-    params["unit"] = unit
+    conn = sp.csr_matrix((np.ones(ei.shape[1], dtype=np.float32), (ei[0], ei[1])), shape=(n, n))
+    conn.sort_indices()
+    conn_key, dist_key = f"{key_added}_connectivities", f"{key_added}_distances"
+    adata.obsp[conn_key] = conn
+    adata.obsp[dist_key] = d
+    params = {
+        "method": method,
+        "rings": rings if method == "grid" else None,
+        "k": k if method == "knn" else None,
+        "radius": kw.get("radius_um"),
+        "lattice": lattice,
+        "square_neighbors": square_neighbors if lattice == "square" else None,
+        "unit": unit,
+    }
     store_params(
         adata,
-        "spatial_neighbors",
+        f"{key_added}_neighbors",
         params,
-        connectivities_key=CONN_KEY,
-        distances_key=DIST_KEY,
+        connectivities_key=conn_key,
+        distances_key=dist_key,
     )
     return adata if copy else None
 
