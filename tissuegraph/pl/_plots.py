@@ -13,6 +13,7 @@ import pandas as pd
 
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import InputError
+from tissuegraph.tl._core import category_colors, default_palette
 
 NICHE_KEY = "tg_niche"
 
@@ -41,14 +42,9 @@ def savefig(fig, save: str | os.PathLike | None, dpi: int = 150) -> None:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
 
 
-def palette(n: int) -> list:
-    """``n`` distinguishable colours (tab10, tab20, then a hue wheel)."""
-    plt = _plt()
-    if n <= 10:
-        return [plt.get_cmap("tab10")(i) for i in range(n)]
-    if n <= 20:
-        return [plt.get_cmap("tab20")(i) for i in range(n)]
-    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+def palette(n: int) -> list[str]:
+    """``n`` distinguishable colours (tab10, tab20, then a hue wheel), as hex strings."""
+    return default_palette(n)
 
 
 def _library(adata, library_id):
@@ -109,6 +105,9 @@ def spatial_scatter(
     """Spots coloured by an obs column (categorical or numeric) or a gene, over the image.
 
     Spots are drawn as discs of their physical diameter (``spot_diameter_fullres``).
+    Categories take their colours from ``uns[f"{color}_colors"]`` (scanpy's convention,
+    also read by ``sc.pl.spatial``); when that is missing or too short the default palette
+    is written there first, so both libraries draw each category in the same colour.
 
     Returns
     -------
@@ -157,8 +156,11 @@ def spatial_scatter(
     else:
         raise InputError(f"pl: {color!r} is neither an obs column nor a gene")
     if values is None and cats is not None:
-        cols = palette(len(cats))
-        facecolors = np.array([cols[c] if c >= 0 else (0.8, 0.8, 0.8, 1.0) for c in codes])
+        cols = category_colors(adata, color, write=not adata.is_view)
+        from matplotlib.colors import to_rgba
+
+        rgba = np.array([to_rgba(c) for c in cols] + [(0.8, 0.8, 0.8, 1.0)])  # last: no label
+        facecolors = rgba[np.where(codes >= 0, codes, len(cols))]
         from matplotlib.patches import Patch
 
         handles = [Patch(color=cols[i], label=c) for i, c in enumerate(cats)]

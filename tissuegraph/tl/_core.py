@@ -148,3 +148,42 @@ def bh_adjust(p: np.ndarray) -> np.ndarray:
         res[order] = np.clip(ranked, 0, 1)
         out[ok] = res
     return out
+
+
+# ----------------------------------------------------------------------------- colours
+def default_palette(n: int) -> list[str]:
+    """``n`` distinguishable colours as hex strings: tab10 (up to 10), tab20 (up to 20),
+    else evenly spaced hues."""
+    import matplotlib as mpl
+    from matplotlib.colors import to_hex
+
+    if n <= 10:
+        cmap, pts = mpl.colormaps["tab10"], list(range(n))
+    elif n <= 20:
+        cmap, pts = mpl.colormaps["tab20"], list(range(n))
+    else:
+        cmap, pts = mpl.colormaps["hsv"], [i / n for i in range(n)]
+    return [to_hex(cmap(p)) for p in pts]
+
+
+def category_colors(adata, key: str, *, write: bool = True) -> list[str]:
+    """One colour per category of ``obs[key]``, in scanpy's convention.
+
+    ``uns[f"{key}_colors"]`` is used when it holds a valid colour for every category (as
+    scanpy, extra colours are ignored); otherwise :func:`default_palette` is used and, with
+    ``write``, stored there, so that ``sc.pl.spatial`` / ``sc.pl.embedding``, squidpy and
+    :mod:`tissuegraph.pl` draw a category in the same colour.
+    """
+    from matplotlib.colors import is_color_like, to_hex
+
+    cats = adata.obs[key].astype("category").cat.categories
+    n = len(cats)
+    stored = adata.uns.get(f"{key}_colors")
+    if stored is not None:
+        stored = np.asarray(stored, dtype=object).ravel().tolist()
+        if len(stored) >= n and all(is_color_like(c) for c in stored[:n]):
+            return [to_hex(c, keep_alpha=False) for c in stored[:n]]
+    colors = default_palette(n)
+    if write:
+        adata.uns[f"{key}_colors"] = list(colors)
+    return colors

@@ -11,6 +11,7 @@ from tissuegraph.errors import InputError
 from tissuegraph.tl._core import (
     EMBED_KEY,
     NICHE_KEY,
+    category_colors,
     check_adata,
     check_choice,
     check_int,
@@ -147,47 +148,32 @@ def stability_curve(
 
 
 def _leiden_labels(x, n_niches, resolution, random_state, n_neighbors=15):
-    """Leiden (or, without leidenalg/igraph, networkx Louvain) on a kNN graph of ``x``."""
+    """Leiden (scanpy's ``flavor="igraph"``) on a symmetrised ``n_neighbors``-NN graph of
+    ``x``; with ``n_niches`` the resolution is bisected (log scale) towards that count."""
+    import scanpy as sc
+    from anndata import AnnData
     from sklearn.neighbors import kneighbors_graph
 
     g = kneighbors_graph(x, n_neighbors=min(n_neighbors, x.shape[0] - 1), include_self=False)
     g = ((g + g.T) > 0).astype(np.float64).tocsr()
-    try:
-        import leidenalg  # noqa: F401
-        import scanpy as sc
-        from anndata import AnnData
+    tmp = AnnData(obs=pd.DataFrame(index=pd.RangeIndex(x.shape[0]).astype(str)))
 
-        tmp = AnnData(np.zeros((x.shape[0], 1), dtype=np.float32))
-        tmp.obsp["connectivities"] = g
-        tmp.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {}}
+    def run(res):
+        sc.tl.leiden(
+            tmp,
+            resolution=float(res),
+            random_state=random_state,
+            adjacency=g,
+            flavor="igraph",
+            directed=False,
+            n_iterations=-1,
+            key_added="_l",
+        )
+        return tmp.obs["_l"].cat.codes.to_numpy().astype(int)
 
-        def run(res):
-            sc.tl.leiden(
-                tmp,
-                resolution=res,
-                random_state=random_state,
-                flavor="leidenalg",
-                key_added="_l",
-                neighbors_key="neighbors",
-            )
-            return tmp.obs["_l"].cat.codes.to_numpy()
-
-        algorithm = "leiden (leidenalg)"
-    except ImportError:
-        import networkx as nx
-
-        graph = nx.from_scipy_sparse_array(g)
-
-        def run(res):
-            comms = nx.community.louvain_communities(graph, resolution=res, seed=random_state)
-            lab = np.empty(x.shape[0], dtype=int)
-            for i, c in enumerate(comms):
-                lab[list(c)] = i
-            return lab
-
-        algorithm = "louvain (networkx; install leidenalg for Leiden)"
+    algorithm = "leiden (igraph)"
     if n_niches is None:
-        return run(resolution), resolution, algorithm
+        return run(resolution), float(resolution), algorithm
     lo, hi = 0.01, 5.0
     best = None
     for _ in range(20):
@@ -203,6 +189,40 @@ def _leiden_labels(x, n_niches, resolution, random_state, n_neighbors=15):
         else:
             hi = res
     return best[0], float(best[1]), algorithm
+
+
+def refine_labels(codes: np.ndarray, pos: np.ndarray, k: int) -> np.ndarray:
+    """One round of spatial majority voting (GraphST's optional refinement).
+
+    Each spot takes the most frequent label among itself and its neighbours on the
+    symmetrised ``k``-nearest-spot graph (:func:`tissuegraph.graph.spatial.spot_graph`,
+    ``method="knn"``); a tie keeps the spot's own label when it is among the most
+    frequent, else the smallest label. Unlabelled spots (``-1``) neither vote nor change.
+
+    Returns the new ``int`` codes.
+    """
+    import scipy.sparse as sp
+
+    from tissuegraph.graph.spatial import spot_graph
+
+    codes = np.asarray(codes, dtype=np.int64)
+    n = codes.shape[0]
+    ei, _ = spot_graph(pos, method="knn", k=int(k))
+    ok = codes >= 0
+    n_lab = int(codes.max()) + 1 if ok.any() else 0
+    if n_lab == 0:
+        return codes.copy()
+    onehot = sp.csr_matrix(
+        (np.ones(int(ok.sum())), (np.flatnonzero(ok), codes[ok])), shape=(n, n_lab)
+    )
+    adj = sp.csr_matrix((np.ones(ei.shape[1]), (ei[0], ei[1])), shape=(n, n))
+    votes = np.asarray((adj @ onehot + onehot).todense())
+    top = votes.max(axis=1, keepdims=True)
+    winner = np.argmax(votes == top, axis=1)  # smallest of the tied labels
+    own = np.where(ok, codes, 0)
+    keep_own = ok & (votes[np.arange(n), own] == top[:, 0])
+    out = np.where(keep_own, codes, winner)
+    return np.where(ok, out, codes)
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -226,6 +246,7 @@ def niches(
     k_range: tuple[int, int] = (2, 10),
     n_repeats: int = 5,
     resolution: float = 1.0,
+    refine: int = 0,
     random_state: int = 0,
     copy: bool = False,
 ):
@@ -239,13 +260,18 @@ def niches(
     shared full covariance (``covariance_type="tied"``, R mclust's EEE, as CellCharter)
     from ``n_init`` k-means initialisations, keeping the best likelihood: a single start
     makes the result swing by about 0.1 ARI. ``kmeans`` is k-means with ``n_init``
-    restarts; ``leiden`` clusters a 15-NN graph of the representation (the resolution is
-    searched to give ``n_niches`` when that is set; uses leidenalg when installed, else
-    networkx's Louvain).
+    restarts; ``leiden`` clusters a 15-NN graph of the representation with scanpy's
+    ``sc.tl.leiden(flavor="igraph")`` (the resolution is searched to give ``n_niches``
+    when that is set).
 
     With ``n_niches=None`` (``gmm``/``kmeans``) K is chosen in ``k_range`` as the most
     stable number of clusters over ``n_repeats`` subsampled restarts (see
     :func:`stability_curve`); the curve is kept in ``uns[key_added]['stability']``.
+
+    ``refine=k`` (off by default) adds a spatially smoothed copy of the labels, as GraphST
+    offers: one majority vote of each spot with its neighbours on the symmetrised
+    ``k``-nearest-spot graph (:func:`refine_labels`). It is written beside the clustering,
+    never over it, so both can be reported.
 
     Parameters
     ----------
@@ -273,14 +299,22 @@ def niches(
         Subsampled restarts per K for the stability curve.
     resolution
         Leiden resolution when ``n_niches`` is ``None``.
+    refine
+        ``0``: no refinement; ``k >= 1``: also write the labels after a majority vote over
+        each spot's ``k`` nearest spots (needs ``obsm['spatial']``).
     random_state
         Seed.
 
     Returns
     -------
-    Writes ``obs[key_added]`` (categorical, ``"0"`` = largest niche) and
-    ``uns[key_added]`` (``params``, ``n_niches``, and ``stability``: a dict of lists
-    ``k``, ``stability``, ``stability_std``, ``restart_ari`` when K was chosen).
+    Writes ``obs[key_added]`` (categorical, ``"0"`` = largest niche),
+    ``uns[f"{key_added}_colors"]`` (one colour per niche, scanpy's convention; kept when
+    it already holds enough valid colours) and ``uns[key_added]`` (``params``,
+    ``n_niches``, ``stability``: a dict of lists ``k``, ``stability``, ``stability_std``,
+    ``restart_ari`` when K was chosen; ``resolution`` and ``algorithm`` for Leiden).
+    With ``refine``: ``obs[f"{key_added}_refined"]`` (same categories),
+    ``uns[f"{key_added}_refined_colors"]`` (the same colours) and
+    ``uns[key_added]["refined"]`` (``key``, ``k``, ``n_changed``, ``fraction_changed``).
     ``None``, or the copy.
     """
     func = "niches"
@@ -294,6 +328,9 @@ def niches(
             raise InputError(f"{func}: n_niches={n_niches} exceeds the {adata.n_obs} spots")
     if n_pcs is not None:
         n_pcs = check_int(n_pcs, "n_pcs", func)
+    refine = check_int(refine, "refine", func, minimum=0)
+    if refine and "spatial" not in adata.obsm and "spatial_um" not in adata.obsm:
+        raise InputError(f"{func}: refine needs spot positions (obsm['spatial'])")
     producer = "tissuegraph.tl.embed" if use_rep == EMBED_KEY else None
     x = require_obsm(adata, use_rep, func, producer)
     kmin, kmax = (int(k) for k in k_range)
@@ -332,6 +369,26 @@ def niches(
     n_found = int(labels.max()) + 1
     cats = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
+    colors = category_colors(adata, key_added)
+    rkey = f"{key_added}_refined"
+    previous = (adata.uns.get(key_added) or {}).get("refined") or {}
+    if not refine and previous.get("key") == rkey:  # refined labels of an earlier run: stale
+        adata.obs.drop(columns=[rkey], errors="ignore", inplace=True)
+        adata.uns.pop(f"{rkey}_colors", None)
+    if refine:
+        from tissuegraph.tl._spatial import spot_coords
+
+        pos, _ = spot_coords(adata, func)
+        refined = refine_labels(labels, pos, refine)
+        adata.obs[rkey] = pd.Categorical([str(v) for v in refined], categories=cats)
+        adata.uns[f"{rkey}_colors"] = list(colors)
+        n_changed = int((refined != labels).sum())
+        extra["refined"] = {
+            "key": rkey,
+            "k": refine,
+            "n_changed": n_changed,
+            "fraction_changed": n_changed / max(len(labels), 1),
+        }
     store_params(
         adata,
         key_added,
@@ -345,6 +402,8 @@ def niches(
             "n_pcs": n_pcs,
             "k_range": [kmin, kmax],
             "n_repeats": n_repeats,
+            "resolution": resolution,
+            "refine": refine,
             "random_state": random_state,
         },
         n_niches=n_found,
