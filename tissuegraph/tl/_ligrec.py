@@ -23,7 +23,23 @@ from tissuegraph.tl._core import (
 from tissuegraph.tl._spatial import CONN_KEY, ensure_spatial_graph
 
 
+def liana_consensus() -> pd.DataFrame:
+    """LIANA's shipped ``consensus`` ligand-receptor resource (``ligand``, ``receptor``;
+    complexes as ``A_B``), read with ``liana.resource.select_resource``.
+
+    liana is optional: without it this fails with the install command.
+    """
+    from tissuegraph.errors import require
+
+    require("liana", None, "the default ligand-receptor table (or pass lr_table)")
+    from liana.resource import select_resource
+
+    return select_resource("consensus")
+
+
 def _read_lr(table, func: str) -> pd.DataFrame:
+    if table is None:
+        table = liana_consensus()
     if isinstance(table, (str, os.PathLike)):
         from tissuegraph.io import read_ligand_receptor
 
@@ -43,7 +59,7 @@ def _read_lr(table, func: str) -> pd.DataFrame:
 
 def ligand_receptor(
     adata,
-    lr_table,
+    lr_table=None,
     *,
     niche_key: str = NICHE_KEY,
     n_perms: int = 100,
@@ -72,7 +88,9 @@ def ligand_receptor(
         AnnData with expression and ``obs[niche_key]``.
     lr_table
         DataFrame with ``ligand`` and ``receptor`` columns (e.g.
-        ``tissuegraph.io.read_ligand_receptor``) or a path.
+        ``tissuegraph.io.read_ligand_receptor``) or a path. ``None``: LIANA's consensus
+        resource shipped with the ``liana`` package (:func:`liana_consensus`; needs
+        ``pip install liana``).
     niche_key
         obs column of niche labels.
     n_perms
@@ -190,6 +208,12 @@ def ligand_receptor(
     out = out[out["score"] > 0].reset_index(drop=True)
     out.insert(6, "padj", bh_adjust(out["pval"].to_numpy()))
     out = out.sort_values(["pval", "score"], ascending=[True, False]).reset_index(drop=True)
+    if lr_table is None:
+        source = "liana consensus"
+    elif isinstance(lr_table, (str, os.PathLike)):
+        source = str(lr_table)
+    else:
+        source = "DataFrame"
     store_params(
         adata,
         key_added or f"{niche_key}_ligand_receptor",
@@ -201,6 +225,7 @@ def ligand_receptor(
             "include_self": include_self,
             "connectivity_key": connectivity_key,
             "seed": seed,
+            "lr_table": source,
         },
         results=out,
     )

@@ -61,11 +61,52 @@ def pathway_weights(table: pd.DataFrame, var_names, min_size: int) -> tuple[np.n
     return w[:, keep], [p for p, k in zip(names, keep) if k], coverage
 
 
+BACKENDS = ("tissuegraph", "decoupler")
+
+
+def _zscored_genes(adata, layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-normalised expression as CSR, and per-gene mean and sd over spots."""
+    x = log_normalized(adata, layer)
+    mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
+    sq = np.asarray(x.multiply(x).mean(axis=0), dtype=np.float64).ravel()
+    sd = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+    return x, mean, sd
+
+
+def _decoupler_scores(x, obs_names, w, names, method, min_size) -> np.ndarray:
+    """The same scores computed by decoupler (>= 2) on the same z-scored matrix and weights."""
+    from tissuegraph.errors import MissingDependencyError, require
+
+    dc = require("decoupler", "decoupler", "pathway_activity(backend='decoupler')")
+    if not hasattr(dc, "mt"):
+        raise MissingDependencyError(
+            "pathway_activity(backend='decoupler') needs decoupler >= 2 (dc.mt): "
+            "pip install 'tissuegraph[decoupler]'"
+        )
+    cols = [f"g{i}" for i in range(x.shape[1])]  # unique names, whatever var_names are
+    gi, pj = np.nonzero(w)
+    net = pd.DataFrame(
+        {
+            "source": np.asarray(names, dtype=object)[pj],
+            "target": np.asarray(cols, dtype=object)[gi],
+            "weight": w[gi, pj],
+        }
+    )
+    df = pd.DataFrame(x, index=[str(o) for o in obs_names], columns=cols)
+    if method == "ulm":
+        es, _ = dc.mt.ulm(df, net, tmin=min_size, verbose=False)
+    else:
+        es, _ = dc.mt.waggr(df, net, fun="wmean", times=0, tmin=min_size, verbose=False)
+    es = es.reindex(index=df.index, columns=list(names))
+    return es.to_numpy(dtype=np.float64, na_value=0.0)
+
+
 def pathway_activity(
     adata,
     pathways,
     *,
     method: str = "wmean",
+    backend: str = "tissuegraph",
     niche_key: str | None = None,
     layer: str | None = None,
     min_size: int = 5,
@@ -75,13 +116,21 @@ def pathway_activity(
     """Pathway (or TF) activity per spot and per niche.
 
     Expression is library-size normalised, ``log1p``-transformed and z-scored per gene
-    over spots. With weights ``w_gp`` of gene ``g`` in pathway ``p``:
+    over spots; genes constant over the spots carry no signal and are left out. With
+    weights ``w_gp`` of gene ``g`` in pathway ``p``:
 
-    - ``wmean``: ``a_sp = sum_g w_gp z_sg / sum_g |w_gp|`` (weighted mean, as decoupler's);
+    - ``wmean``: ``a_sp = sum_g w_gp z_sg / sum_g |w_gp|`` (weighted mean);
     - ``ulm``: the t-value of the slope of a univariate linear model ``z_s ~ w_p`` across
-      all genes (decoupler's ``ulm``).
+      all (non-constant) genes, genes outside the pathway having weight 0.
 
-    Pathways with fewer than ``min_size`` panel genes are dropped (coverage in uns).
+    These are decoupler's methods: on this z-scored input ``ulm`` equals
+    ``decoupler.mt.ulm`` and ``wmean`` equals ``decoupler.mt.waggr(fun="wmean", times=0)``
+    (the estimate without permutations) to floating-point precision.
+    ``backend="decoupler"`` computes them with decoupler itself (optional:
+    ``pip install 'tissuegraph[decoupler]'``, decoupler >= 2).
+
+    Pathways with fewer than ``min_size`` genes among the non-constant panel genes are
+    dropped (coverage in uns). Gene symbols match case-insensitively.
 
     Parameters
     ----------
@@ -91,6 +140,8 @@ def pathway_activity(
         ``[source, target, weight]`` DataFrame (``tissuegraph.io.read_pathways``) or a path.
     method
         ``"wmean"`` or ``"ulm"``.
+    backend
+        ``"tissuegraph"`` (numpy) or ``"decoupler"``.
     niche_key
         obs column of niche labels: also average the activities per niche.
     layer
@@ -109,10 +160,13 @@ def pathway_activity(
     func = "pathway_activity"
     check_adata(adata, func)
     check_choice(method, "method", ("wmean", "ulm"), func)
+    check_choice(backend, "backend", BACKENDS, func)
     min_size = check_int(min_size, "min_size", func)
     table = read_weight_table(pathways, func)
     labels = require_obs(adata, niche_key, func, "tissuegraph.tl.niches") if niche_key else None
-    w, names, coverage = pathway_weights(table, adata.var_names, min_size)
+    xs, mean, sd = _zscored_genes(adata, layer)
+    varying = np.flatnonzero(sd > 0)
+    w, names, coverage = pathway_weights(table, [adata.var_names[i] for i in varying], min_size)
     if not names:
         raise InputError(
             f"{func}: no pathway has >= {min_size} genes of the panel; check gene symbols "
@@ -120,12 +174,14 @@ def pathway_activity(
         )
     adata = adata.copy() if copy else adata
     genes = np.flatnonzero((w != 0).any(axis=1)) if method == "wmean" else np.arange(w.shape[0])
-    x = log_normalized(adata, layer)[:, genes].toarray().astype(np.float64)
-    x -= x.mean(axis=0, keepdims=True)
-    sd = x.std(axis=0, keepdims=True)
-    x /= np.where(sd > 0, sd, 1.0)
+    cols = varying[genes]
+    x = xs[:, cols].toarray().astype(np.float64)
+    x -= mean[cols]
+    x /= sd[cols]
     wg = w[genes]
-    if method == "wmean":
+    if backend == "decoupler":
+        act = _decoupler_scores(x, adata.obs_names, wg, names, method, min_size)
+    elif method == "wmean":
         act = x @ wg / np.abs(wg).sum(axis=0, keepdims=True)
     else:
         g = wg.shape[0]
@@ -149,7 +205,13 @@ def pathway_activity(
     store_params(
         adata,
         key_added,
-        {"method": method, "niche_key": niche_key, "layer": layer, "min_size": min_size},
+        {
+            "method": method,
+            "backend": backend,
+            "niche_key": niche_key,
+            "layer": layer,
+            "min_size": min_size,
+        },
         **extra,
     )
     return adata if copy else None
