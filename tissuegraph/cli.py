@@ -20,6 +20,17 @@ EPILOG = "Configs are OmegaConf YAML; any field can be overridden as key=value a
 def _common(debug_only: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    # SUPPRESS: given before or after the command, neither parser resets the other's value
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug messages"
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="warnings and errors only, no progress bars",
+    )
     return p
 
 
@@ -147,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--force", action="store_true", help="rebuild slides that are up to date")
     p.add_argument("--n-jobs", type=int, default=None, help="slides built in parallel")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_build_graphs)
 
     p = sub.add_parser(
@@ -172,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from run_dir/checkpoints/last.pt"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser(
@@ -239,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", default="tg_demo", help="output folder (default: tg_demo)")
     p.add_argument("--quick", action="store_true", help="smaller slide and fewer steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
     return parser
 
@@ -247,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.quiet = bool(getattr(args, "quiet", False))
+    args.verbose = bool(getattr(args, "verbose", False))
+    from tissuegraph._logging import set_verbosity
+
+    set_verbosity(verbose=args.verbose, quiet=args.quiet)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

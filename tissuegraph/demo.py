@@ -12,6 +12,7 @@ import platform
 import time
 from pathlib import Path
 
+from tissuegraph._logging import logger
 from tissuegraph._utils import write_text_atomic
 
 #: settings of the full and the quick demo
@@ -36,7 +37,7 @@ class _Stages:
         self._name = name
         self._last = time.perf_counter()
         if self.progress:
-            print(f"[demo {time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
+            logger.info("[demo %6.1fs] %s", time.perf_counter() - self.t0, msg)
 
     def _close(self) -> None:
         if self._name is not None:
@@ -221,7 +222,7 @@ def run_demo(
     report = "\n".join(lines) + "\n"
     write_text_atomic(out / "report.txt", report)
     if progress:
-        print(f"[demo {total:6.1f}s] done: {out / 'report.txt'}", flush=True)
+        logger.info("[demo %6.1fs] done: %s", total, out / "report.txt")
     return report
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch_geometric.data import HeteroData
 
 from tissuegraph import __version__
+from tissuegraph._logging import logger
 from tissuegraph._utils import file_hash, stable_hash
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
@@ -738,7 +739,7 @@ def _build_all(
             a, exc = results[n]
             if exc is not None:
                 failures[n] = _one_line(exc)
-                print(f"tissuegraph: slide {n!r} failed: {failures[n]}", file=sys.stderr)
+                logger.warning("tissuegraph: slide %r failed: %s", n, failures[n])
             else:
                 adatas[n] = a
         if need and not adatas:
@@ -819,7 +820,7 @@ def _build_all(
         name = task["spec"]["name"]
         if exc is not None:
             failures[name] = _one_line(exc)
-            print(f"tissuegraph: slide {name!r} failed: {failures[name]}", file=sys.stderr)
+            logger.warning("tissuegraph: slide %r failed: %s", name, failures[name])
         else:
             entries[name] = result
             write_manifest(out_dir, manifest())
@@ -862,10 +863,12 @@ def _build_all(
     if progress:
         n_built = sum(1 for t in tasks if t["spec"]["name"] in entries)
         n_skip = len(entries) - n_built
-        print(
-            f"build-graphs: {n_built} built, {n_skip} up to date, {len(failures)} failed "
-            f"-> {out_dir}",
-            file=sys.stderr,
+        logger.info(
+            "build-graphs: %d built, %d up to date, %d failed -> %s",
+            n_built,
+            n_skip,
+            len(failures),
+            out_dir,
         )
     if failures:
         raise TissueGraphError(
