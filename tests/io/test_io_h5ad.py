@@ -96,3 +96,65 @@ def test_read_slide(data_dir, monkeypatch):
     monkeypatch.setattr(ds, "simulate_slide", fake, raising=False)
     assert read_slide(SlideSpec(name="syn", format="synthetic", n_spots=123, seed=7)) == "slide"
     assert calls == {"n_spots": 123, "seed": 7}
+
+
+# ----------------------------------------------------------------------------- what X holds
+def _normalised(toy):
+    import scanpy as sc
+
+    a = toy.copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    return a
+
+
+def test_normalised_h5ad_needs_to_be_declared(tmp_path, toy):
+    p = tmp_path / "norm.h5ad"
+    write_h5ad(_normalised(toy), p)
+    with pytest.raises(InputError, match=r"norm.h5ad: .*non-integer.*expression='normalized'") as e:
+        read_h5ad(p)
+    assert "\n" not in str(e.value)
+    a = read_h5ad(p, expression="normalized")
+    assert a.uns["tissuegraph"]["expression"] == "normalized"
+    assert read_any(p, expression="normalized").n_obs == toy.n_obs
+    spec = SlideSpec(name="n", format="h5ad", path=str(p), expression="normalized")
+    assert read_slide(spec).n_obs == toy.n_obs
+    with pytest.raises(InputError, match="non-integer"):
+        read_slide(SlideSpec(name="n", format="h5ad", path=str(p)))
+    with pytest.raises(ConfigError, match=r"slides\[n\].expression = 'log'"):
+        read_slide(SlideSpec(name="n", format="h5ad", path=str(p), expression="log"))
+    with pytest.raises(ConfigError, match="applies to format h5ad only"):
+        read_slide(SlideSpec(name="v", format="visium", path=str(p), expression="normalized"))
+    with pytest.raises(InputError, match="unknown"):
+        read_h5ad(p, expression="log")
+    # through an OmegaConf config, as build-graphs reads it
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(SlideSpec), {"name": "n", "format": "h5ad"})
+    cfg.path, cfg.expression = str(p), "normalized"
+    assert read_slide(cfg).n_obs == toy.n_obs
+
+
+@pytest.mark.parametrize(("value", "kind"), [(np.nan, "NaN"), (-1.0, "negative")])
+def test_bad_values_refused_even_when_normalised(tmp_path, toy, value, kind):
+    a = _normalised(toy)
+    X = a.X.toarray()
+    X[2, 3] = value
+    a.X = X
+    p = tmp_path / "bad.h5ad"
+    write_h5ad(a, p)
+    with pytest.raises(InputError, match=f"bad.h5ad: 1 invalid value.*1 {kind}") as e:
+        read_h5ad(p, expression="normalized")
+    assert f"spot {a.obs_names[2]!r}, gene {a.var_names[3]!r}" in str(e.value)
+    with pytest.raises(InputError, match=f"bad.h5ad: .* invalid value.*1 {kind}, .* non-integer"):
+        read_h5ad(p)
+
+
+def test_nan_coordinates_refused(tmp_path, toy):
+    a = toy.copy()
+    a.obsm["spatial"] = a.obsm["spatial"].copy()
+    a.obsm["spatial"][5, 0] = np.nan
+    p = tmp_path / "nanpos.h5ad"
+    write_h5ad(a, p)
+    with pytest.raises(InputError, match=r"nanpos.h5ad: obsm\['spatial'\] holds NaN"):
+        read_h5ad(p)

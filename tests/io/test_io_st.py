@@ -144,3 +144,52 @@ def test_without_image(c2_dir):
     assert a.uns["spatial"]["lib"]["images"] == {}
     with pytest.raises(InputError, match="no image"):
         open_image(a)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("", "NaN"), ("nan", "NaN"), ("-1", "negative"), ("2.5", "non-integer")]
+)
+def _edit_counts(folder, row: int, col: int, value: str):
+    """Set one cell of the counts table (text level, so nothing else changes); returns the
+    plain-text table's path and the spot id and gene of that cell."""
+    import gzip
+
+    lines = gzip.open(folder / "counts.tsv.gz", "rt").read().splitlines()
+    header = lines[0].split("\t")
+    fields = lines[row + 1].split("\t")
+    fields[col + 1] = value
+    lines[row + 1] = "\t".join(fields)
+    out = folder / "counts.tsv"
+    out.write_text("\n".join(lines) + "\n")
+    return out, fields[0], header[col + 1]
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("", "NaN"), ("nan", "NaN"), ("-1", "negative"), ("2.5", "non-integer")]
+)
+def test_bad_count_values(c2_copy, value, kind):
+    """One bad cell of the counts table is refused, naming the file, spot, gene and count."""
+    counts, spot, gene = _edit_counts(c2_copy, 4, 10, value)
+    with pytest.raises(InputError) as e:
+        read_st(counts, c2_copy / "spots.tsv", None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(counts))
+    assert f"1 invalid value(s) in the counts (1 {kind})" in msg
+    assert f"spot {spot!r}, gene {gene!r}" in msg
+
+
+def test_duplicate_spot_ids(c2_copy):
+    import gzip
+
+    lines = gzip.open(c2_copy / "counts.tsv.gz", "rt").read().splitlines()
+    (c2_copy / "counts.tsv").write_text("\n".join(lines + lines[1:2]) + "\n")
+    with pytest.raises(InputError, match="occurs more than once"):
+        read_st(c2_copy / "counts.tsv", c2_copy / "spots.tsv", None)
+
+
+def test_infinite_pixel_coordinates(c2_copy):
+    s = pd.read_csv(c2_copy / "spots.tsv", sep="\t")
+    s.loc[3, "pixel_y"] = np.inf
+    s.to_csv(c2_copy / "spots.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="infinite"):
+        read_st(c2_copy / "counts.tsv.gz", c2_copy / "spots.tsv", None)

@@ -222,16 +222,151 @@ def test_missing_scalefactors(tmp_path, toy_dir):
         read_visium(tmp_path)
 
 
-def test_barcodes_absent_from_positions(tmp_path, toy_dir):
+def _with_barcodes(tmp_path, toy_dir, replace: dict[int, str]):
     X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
     bc = list(bc)
-    bc[3] = "NOTABARCODE-1"
+    for i, b in replace.items():
+        bc[i] = b
     copy_spatial(toy_dir, tmp_path)
     write_10x_h5(
         tmp_path / "filtered_feature_bc_matrix.h5", X, bc, feats["gene_ids"], feats["name"]
     )
-    with pytest.raises(InputError, match="1 of 100 matrix barcodes are absent"):
+    return X, bc
+
+
+def test_barcode_absent_from_positions_is_dropped(tmp_path, toy_dir, toy):
+    """Up to 1% of matrix barcodes without a position: dropped with a warning."""
+    X, bc = _with_barcodes(tmp_path, toy_dir, {3: "NOTABARCODE-1"})
+    with pytest.warns(UserWarning, match=r"1 of 100 matrix barcodes .*dropped \(NOTABARCODE-1\)"):
+        a = read_visium(tmp_path)
+    assert a.n_obs == 99 and "NOTABARCODE-1" not in a.obs_names
+    keep = [i for i in range(100) if i != 3]
+    assert (a.X != toy.X[keep]).nnz == 0
+    np.testing.assert_array_equal(a.obsm["spatial"], toy.obsm["spatial"][keep])
+
+
+def test_barcodes_of_another_slide(tmp_path, toy_dir):
+    """More than 1% absent: the positions belong to another slide; the counts are named."""
+    _with_barcodes(tmp_path, toy_dir, {3: "NOTABARCODE-1", 7: "NOTABARCODE-2"})
+    with pytest.raises(InputError, match="2 of 100 matrix barcodes are absent") as e:
         read_visium(tmp_path)
+    assert "another slide" in str(e.value) and "NOTABARCODE-1" in str(e.value)
+
+
+def test_dlpfc_one_unplaced_barcode(tmp_path, dlpfc_dir, dlpfc):
+    """The issue's case: 1 of 3,639 barcodes absent from the positions no longer refuses the
+    whole slide."""
+    d = tmp_path / "151673"
+    copy_spatial(dlpfc_dir, d)
+    shutil.copy(dlpfc_dir / "filtered_feature_bc_matrix.h5", d)
+    (d / "filtered_feature_bc_matrix.h5").chmod(0o644)
+    pos = d / "spatial" / "tissue_positions_list.csv"
+    lines = pos.read_text().splitlines()
+    gone = dlpfc.obs_names[10]
+    pos.write_text("\n".join(ln for ln in lines if not ln.startswith(gone + ",")) + "\n")
+    with pytest.warns(UserWarning, match=f"1 of 3639 matrix barcodes .*{gone}"):
+        a = read_visium(d)
+    assert a.n_obs == 3638 and gone not in a.obs_names
+
+
+# ----------------------------------------------------------------------------- bad values
+def _toy_with_counts(tmp_path, toy_dir, edit):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    X = X.toarray()
+    edit(X)
+    copy_spatial(toy_dir, tmp_path)
+    Xc = sp.csr_matrix(X)
+    with h5py.File(tmp_path / "filtered_feature_bc_matrix.h5", "w") as f:
+        g = f.create_group("matrix")
+        g["data"] = Xc.data.astype(np.float32)  # float storage, so any value can be written
+        g["indices"] = Xc.indices.astype(np.int64)
+        g["indptr"] = Xc.indptr.astype(np.int64)
+        g["shape"] = np.array([Xc.shape[1], Xc.shape[0]], dtype=np.int32)
+        g["barcodes"] = np.array(bc, dtype="S")
+        ft = g.create_group("features")
+        ft["id"] = np.array(feats["gene_ids"], dtype="S")
+        ft["name"] = np.array(feats["name"], dtype="S")
+    return bc, list(feats["name"])
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(np.nan, "NaN"), (-2.0, "negative"), (np.inf, "infinite"), (1.5, "non-integer")],
+)
+def test_h5_bad_count_values(tmp_path, toy_dir, value, kind):
+    def edit(X):
+        X[5, 7] = value
+        X[9, 2] = value
+
+    bc, names = _toy_with_counts(tmp_path, toy_dir, edit)
+    with pytest.raises(InputError) as e:
+        read_visium(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "filtered_feature_bc_matrix.h5" in msg
+    assert f"2 invalid value(s) in the counts (2 {kind})" in msg
+    assert f"spot {bc[5]!r}, gene {names[7]!r}" in msg
+
+
+def test_mtx_bad_count_values(tmp_path, toy_dir):
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    d = tmp_path / "mtx"
+    copy_spatial(toy_dir, d)
+    m = d / "filtered_feature_bc_matrix"
+    m.mkdir()
+    M = X.toarray().T.astype(np.float64)
+    M[4, 1] = -3.0
+    with gzip.open(m / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, sp.coo_matrix(M))
+    with gzip.open(m / "barcodes.tsv.gz", "wt") as fh:
+        fh.write("\n".join(bc) + "\n")
+    with gzip.open(m / "features.tsv.gz", "wt") as fh:
+        for i, n in zip(feats["gene_ids"], feats["name"]):
+            fh.write(f"{i}\t{n}\tGene Expression\n")
+    with pytest.raises(InputError, match=r"matrix.mtx.gz: 1 invalid value\(s\) .*negative") as e:
+        read_visium(d)
+    assert f"spot {bc[1]!r}, gene {feats['name'][4]!r}" in str(e.value)
+
+
+def test_visium_hd_bad_count_values(tmp_path, toy_dir):
+    """Visium HD bins go through the same matrix reader and the same check."""
+    root = tmp_path / "hd"
+    b = root / "binned_outputs" / "square_008um"
+
+    def edit(X):
+        X[0, 0] = np.nan
+
+    _toy_with_counts(b, toy_dir, edit)
+    with pytest.raises(InputError, match="square_008um/filtered_feature_bc_matrix.h5: 1 invalid"):
+        read_visium(root)
+
+
+# ----------------------------------------------------------------------------- Space Ranger 3
+@pytest.fixture(scope="session")
+def sr3_dir(data_dir):
+    return data_dir / "visium_sr3_mtx"
+
+
+def test_sr3_mtx_matches_scanpy(sr3_dir):
+    """A real Space Ranger 3.0 matrix-market folder with v2 positions: the counts agree with
+    scanpy's own reader, spot for spot and gene for gene."""
+    import scanpy as sc
+
+    a = read_visium(sr3_dir)
+    ref = sc.read_10x_mtx(sr3_dir / "filtered_feature_bc_matrix", var_names="gene_symbols")
+    assert a.shape == ref.shape == (2898, 19465)
+    assert list(a.obs_names) == list(ref.obs_names)
+    assert list(a.var_names) == list(ref.var_names)
+    assert list(a.var["gene_ids"]) == list(ref.var["gene_ids"])
+    assert (sp.csr_matrix(a.X) != sp.csr_matrix(ref.X, dtype=np.float32)).nnz == 0
+    tg = a.uns["tissuegraph"]
+    assert tg["platform"] == "visium" and tg["grid"] == "hex"
+    pos = pd.read_csv(sr3_dir / "spatial" / "tissue_positions.csv", index_col=0)
+    p = pos.loc[a.obs_names]
+    np.testing.assert_array_equal(a.obsm["spatial"][:, 0], p["pxl_col_in_fullres"].to_numpy())
+    assert (a.obs["in_tissue"] == 1).all()
+    xy = a.obsm["spatial_um"]
+    d, _ = cKDTree(xy).query(xy, k=2)
+    assert np.median(d[:, 1]) == pytest.approx(100.0, rel=0.03)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage"])

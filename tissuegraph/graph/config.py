@@ -13,7 +13,9 @@ class SlideSpec:
       full-resolution image (TIFF/BigTIFF, JPEG, PNG).
     - ``st``: legacy Spatial Transcriptomics: ``counts`` (spots x genes tsv[.gz]), ``spots``
       (spot table) and ``image`` (full-resolution H&E).
-    - ``h5ad``: ``path`` is an ``.h5ad`` in the scanpy/squidpy layout.
+    - ``h5ad``: ``path`` is an ``.h5ad`` in the scanpy/squidpy layout. ``expression`` says
+      what its ``X`` holds: ``raw`` integer counts (default) or ``normalized`` expression,
+      accepted only when set here (then choose ``normalize.method: none``).
     - ``synthetic``: the simulated demo slide; ``n_spots`` and ``seed`` choose its size.
     """
 
@@ -25,6 +27,7 @@ class SlideSpec:
     image: str | None = None
     image_path: str | None = None
     library_id: str | None = None
+    expression: str = "raw"
     n_spots: int = 2000
     seed: int = 0
 

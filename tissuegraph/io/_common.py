@@ -1,4 +1,4 @@
-"""Helpers shared by the readers: AnnData assembly, unique names, error messages."""
+"""Helpers shared by the readers: AnnData assembly, unique names, value checks, errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import scipy.sparse as sp
 from tissuegraph.errors import InputError
 
 PLATFORMS = ("visium", "visium_hd", "st", "synthetic")
+#: What a matrix may hold: ``raw`` integer counts, or ``normalized`` expression (e.g. log1p).
+EXPRESSION = ("raw", "normalized")
 
 
 def as_path(path: str | os.PathLike, what: str) -> Path:
@@ -52,6 +54,97 @@ def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
         seen.add(cand)
         out[i] = cand
     return pd.Index(out)
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of a third-party exception's message, or its type when empty.
+
+    Text longer than ``limit`` is cut at a word boundary and marked with an ellipsis, so a
+    message never ends mid-word.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(text) > limit:
+        cut = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
+        text = cut + " ..."
+    return text
+
+
+def check_values(
+    X,
+    *,
+    source: str | os.PathLike,
+    obs_names=None,
+    var_names=None,
+    expression: str = "raw",
+    what: str = "counts",
+) -> None:
+    """Refuse a spots x genes matrix holding values no reader may pass on.
+
+    NaN, infinite and negative entries are always refused; with ``expression="raw"`` so are
+    non-integer entries (counts are integers). ``X`` is a scipy sparse matrix or a 2-D
+    array; only stored entries of a sparse matrix are looked at.
+
+    Raises
+    ------
+    InputError
+        One line naming ``source``, the number of bad entries by kind, and the first one
+        (spot, gene and value, in row-major order).
+    """
+    if expression not in EXPRESSION:
+        raise InputError(
+            f"expression={expression!r} is unknown: choose one of {', '.join(EXPRESSION)}"
+        )
+    if sp.issparse(X):
+        m = X.tocsr()
+        data = np.asarray(m.data)
+
+        def where(i: int) -> tuple[int, int]:
+            return int(np.searchsorted(m.indptr, i, side="right") - 1), int(m.indices[i])
+    else:
+        a = np.asarray(X)
+        if a.ndim != 2:
+            raise InputError(f"{source}: the {what} are not a 2-D spots x genes matrix")
+        data = a.ravel()
+
+        def where(i: int) -> tuple[int, int]:
+            return divmod(int(i), a.shape[1])
+
+    if data.dtype.kind not in "biuf":
+        raise InputError(
+            f"{source}: the {what} are of type {data.dtype}, not numbers; expected a numeric "
+            "spots x genes matrix"
+        )
+    if data.dtype.kind in "bu" or data.size == 0:
+        return
+    kinds: list[tuple[str, np.ndarray]] = []
+    if data.dtype.kind == "f":
+        kinds.append(("NaN", np.isnan(data)))
+        kinds.append(("infinite", np.isinf(data)))
+    kinds.append(("negative", data < 0))
+    if expression == "raw" and data.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            kinds.append(("non-integer", np.isfinite(data) & (data != np.round(data))))
+    found = [(k, m) for k, m in kinds if m.any()]
+    if not found:
+        return
+    bad = np.logical_or.reduce([m for _, m in found])
+    first = int(np.flatnonzero(bad)[0])
+    kind = next(k for k, m in found if m[first])
+    row, col = where(first)
+    spot = str(obs_names[row]) if obs_names is not None and row < len(obs_names) else f"#{row}"
+    gene = str(var_names[col]) if var_names is not None and col < len(var_names) else f"#{col}"
+    tally = ", ".join(f"{int(m.sum()):,} {k}" for k, m in found)
+    if expression == "raw":
+        hint = "expected raw, non-negative integer counts"
+        if [k for k, _ in found] == ["non-integer"]:
+            hint += " (for normalised expression pass expression='normalized')"
+    else:
+        hint = "expected finite, non-negative expression values"
+    raise InputError(
+        f"{source}: {int(bad.sum()):,} invalid value(s) in the {what} ({tally}); the first is "
+        f"{kind} ({float(data[first]):g}) at spot {spot!r}, gene {gene!r}; {hint}"
+    )
 
 
 def to_csr_float32(x) -> sp.csr_matrix:

@@ -64,15 +64,26 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def read_any(path: str | os.PathLike, **kwargs):
-    """Read an ``.h5ad``, a Space Ranger output folder or a legacy ST folder (detected)."""
+def read_any(path: str | os.PathLike, *, expression: str = "raw", **kwargs):
+    """Read an ``.h5ad``, a Space Ranger output folder or a legacy ST folder (detected).
+
+    ``expression`` (``"raw"`` or ``"normalized"``) says what an ``.h5ad``'s ``X`` holds (see
+    :func:`~tissuegraph.io.read_h5ad`); Space Ranger and ST files always hold raw counts.
+    Other keyword arguments go to :func:`~tissuegraph.io.read_visium` or
+    :func:`~tissuegraph.io.read_st`.
+    """
     from tissuegraph.io.h5ad import read_h5ad
     from tissuegraph.io.st import read_st
     from tissuegraph.io.visium import read_visium
 
     fmt = detect_format(path)
     if fmt == "h5ad":
-        return read_h5ad(path)
+        return read_h5ad(path, expression=expression)
+    if expression != "raw":
+        raise ConfigError(
+            f"expression={expression!r} applies to .h5ad input only; {path} is a {fmt} "
+            "folder of raw counts"
+        )
     if fmt == "visium":
         return read_visium(path, **kwargs)
     counts, spots, image = find_st_files(path)
@@ -86,12 +97,24 @@ def read_slide(spec):
     ``image``, or ``path`` of an ST folder), ``h5ad`` (``path``), ``synthetic`` (``n_spots``,
     ``seed``; calls :func:`tissuegraph.datasets.simulate_slide`).
     """
+    from tissuegraph.io._common import EXPRESSION
+
     fmt = str(getattr(spec, "format", "") or "").lower()
     name = getattr(spec, "name", "?")
     lib = getattr(spec, "library_id", None) or (name if name not in (None, "???") else None)
     if fmt not in FORMATS:
         raise ConfigError(
             f"slides[{name}].format = {spec.format!r}: expected one of {', '.join(FORMATS)}"
+        )
+    expression = str(getattr(spec, "expression", None) or "raw")
+    if expression not in EXPRESSION:
+        raise ConfigError(
+            f"slides[{name}].expression = {expression!r}: expected one of {', '.join(EXPRESSION)}"
+        )
+    if expression != "raw" and fmt != "h5ad":
+        raise ConfigError(
+            f"slides[{name}].expression = {expression!r} applies to format h5ad only; {fmt} "
+            "files hold raw counts"
         )
 
     def need(field: str):
@@ -124,7 +147,7 @@ def read_slide(spec):
     if fmt == "h5ad":
         from tissuegraph.io.h5ad import read_h5ad
 
-        return read_h5ad(need("path"))
+        return read_h5ad(need("path"), expression=expression)
     from tissuegraph.datasets import simulate_slide
 
     return simulate_slide(n_spots=int(spec.n_spots), seed=int(spec.seed))

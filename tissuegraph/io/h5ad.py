@@ -10,30 +10,84 @@ import numpy as np
 
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import InputError
-from tissuegraph.io._common import as_path
+from tissuegraph.io._common import EXPRESSION, as_path, check_values, one_line
 
 __all__ = ["read_h5ad", "write_h5ad", "sanitize_uns"]
 
 
-def read_h5ad(path: str | os.PathLike):
+def read_h5ad(path: str | os.PathLike, *, expression: str = "raw"):
     """Read an ``.h5ad`` file (scanpy / squidpy layout).
 
-    ``uns["tissuegraph"]["image_path"]`` is restored to ``None`` when it was stored empty.
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    expression
+        What ``X`` holds: ``"raw"`` (default) integer counts, or ``"normalized"`` expression
+        (e.g. scanpy's log1p of library-size normalised counts), accepted only when asked
+        for. NaN, infinite and negative values are refused either way, and so are
+        non-integer values with ``"raw"``.
+
+    Returns
+    -------
+    The AnnData. ``uns["tissuegraph"]["image_path"]`` is restored to ``None`` when it was
+    stored empty; ``uns["tissuegraph"]["expression"]`` records ``expression`` when
+    ``uns["tissuegraph"]`` exists.
     """
     import anndata as ad
 
+    if expression not in EXPRESSION:
+        raise InputError(
+            f"read_h5ad: expression={expression!r} is unknown: choose {' or '.join(EXPRESSION)}"
+        )
     path = as_path(path, "h5ad file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass an .h5ad file")
     try:
         adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py / anndata raise many types on bad files
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable .h5ad ({msg}); re-write it with anndata") from None
+        raise InputError(
+            f"{path}: unreadable .h5ad ({one_line(exc)}); re-write it with anndata"
+        ) from None
+    _check_layout(adata, path, expression)
     tg = adata.uns.get("tissuegraph")
-    if isinstance(tg, dict) and "image_path" in tg and not tg["image_path"]:
-        tg["image_path"] = None
+    if isinstance(tg, dict):
+        if "image_path" in tg and not tg["image_path"]:
+            tg["image_path"] = None
+        tg["expression"] = expression
     return adata
+
+
+def _check_layout(adata, path: Path, expression: str) -> None:
+    """Refuse an AnnData whose ``X`` or spot coordinates would put bad numbers in a graph."""
+    import scipy.sparse as sp
+
+    X = adata.X
+    if X is None:
+        raise InputError(f"{path}: X is empty; store the spots x genes matrix in X")
+    if sp.issparse(X):
+        try:
+            X.check_format(full_check=True)
+        except Exception as exc:
+            raise InputError(f"{path}: X is a corrupt sparse matrix ({one_line(exc)})") from None
+    elif not isinstance(X, np.ndarray):
+        raise InputError(f"{path}: X is a {type(X).__name__}; expected an array or sparse matrix")
+    check_values(
+        X,
+        source=path,
+        obs_names=adata.obs_names,
+        var_names=adata.var_names,
+        expression=expression,
+        what="counts in X" if expression == "raw" else "expression in X",
+    )
+    for key in ("spatial", "spatial_um"):
+        if key not in adata.obsm:
+            continue
+        xy = np.asarray(adata.obsm[key])
+        if xy.ndim != 2 or xy.shape[1] < 2 or xy.dtype.kind not in "iuf":
+            raise InputError(f"{path}: obsm[{key!r}] is not an n_obs x 2 array of coordinates")
+        if not np.isfinite(xy).all():
+            raise InputError(f"{path}: obsm[{key!r}] holds NaN or infinite coordinates")
 
 
 def sanitize_uns(obj: Any) -> Any:

@@ -14,7 +14,9 @@ from tissuegraph.io._common import (
     as_path,
     build_anndata,
     check_inside_image,
+    check_values,
     estimate_pixel_pitch,
+    one_line,
 )
 
 __all__ = ["read_st"]
@@ -23,13 +25,14 @@ SPOT_COLUMNS = ["x", "y", "pixel_x", "pixel_y"]
 
 
 def _read_counts(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: is a folder; expected a counts table")
     try:
         df = pd.read_csv(path, sep="\t", index_col=0)
     except Exception as exc:  # gzip / parser errors of many kinds
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
-            f"{path}: unreadable counts table ({msg}); expected a tab-separated spots x genes "
-            "table whose first column is the spot id 'XxY'"
+            f"{path}: unreadable counts table ({one_line(exc)}); expected a tab-separated "
+            "spots x genes table whose first column is the spot id 'XxY'"
         ) from None
     if df.shape[1] == 0:
         raise InputError(f"{path}: zero genes in the counts table; expected spots x genes")
@@ -42,17 +45,24 @@ def _read_counts(path: Path) -> pd.DataFrame:
             f"{path}: non-numeric counts in column(s) {bad[:3]}; expected a spots x genes "
             "table of counts"
         )
+    if not df.index.is_unique:
+        dup = df.index[df.index.duplicated()][0]
+        raise InputError(f"{path}: spot id {dup!r} occurs more than once in the counts table")
+    check_values(
+        df.to_numpy(dtype=np.float32), source=path, obs_names=df.index, var_names=df.columns
+    )
     return df
 
 
 def _read_spots(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: is a folder; expected a spot table")
     try:
         df = pd.read_csv(path, sep="\t")
         if df.shape[1] == 1:  # comma-separated variant
             df = pd.read_csv(path)
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable spot table ({msg})") from None
+        raise InputError(f"{path}: unreadable spot table ({one_line(exc)})") from None
     missing = [c for c in SPOT_COLUMNS if c not in df.columns]
     if missing:
         raise InputError(
@@ -104,9 +114,9 @@ def read_st(
     cdf = _read_counts(counts)
     sdf = _read_spots(spots)
     for c in SPOT_COLUMNS:
-        sdf[c] = pd.to_numeric(sdf[c], errors="coerce")
-    if sdf[SPOT_COLUMNS].isna().any().any():
-        raise InputError(f"{spots}: non-numeric or empty x, y, pixel_x or pixel_y values")
+        sdf[c] = pd.to_numeric(sdf[c], errors="coerce").astype(np.float64)
+    if not np.isfinite(sdf[SPOT_COLUMNS].to_numpy()).all():
+        raise InputError(f"{spots}: non-numeric, empty or infinite x, y, pixel_x or pixel_y values")
     ids = [f"{int(round(x))}x{int(round(y))}" for x, y in zip(sdf["x"], sdf["y"])]
     sdf.index = pd.Index(ids)
     sdf = sdf[~sdf.index.duplicated()]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ from tissuegraph.io._common import (
     as_path,
     build_anndata,
     check_inside_image,
+    check_values,
     estimate_pixel_pitch,
+    one_line,
 )
 
 __all__ = ["read_visium", "read_10x_h5", "read_10x_mtx", "read_positions"]
@@ -33,6 +37,8 @@ POSITION_COLUMNS = [
     "pxl_col_in_fullres",
 ]
 _GENE_EXPRESSION = "Gene Expression"
+#: Matrix barcodes without a position that are dropped (with a warning) rather than refused.
+MAX_UNPLACED_FRACTION = 0.01
 
 
 # ----------------------------------------------------------------------------- matrices
@@ -56,6 +62,8 @@ def read_10x_h5(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, pd.
     import h5py
 
     path = as_path(path, "10x HDF5 matrix")
+    if not path.is_file():
+        raise InputError(f"{path}: is a folder; expected a 10x feature-barcode HDF5 file")
     try:
         with h5py.File(path, "r") as f:
             if "matrix" in f:
@@ -77,10 +85,10 @@ def read_10x_h5(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, pd.
                 names = _decode(g["gene_names"][:])
                 ftype = np.full(len(ids), _GENE_EXPRESSION, dtype=object)
             barcodes = _decode(g["barcodes"][:])
-            data = g["data"][:]
-            indices = g["indices"][:]
-            indptr = g["indptr"][:]
-            shape = tuple(int(s) for s in g["shape"][:])
+            data = np.asarray(g["data"][:])
+            indices = np.asarray(g["indices"][:])
+            indptr = np.asarray(g["indptr"][:])
+            shape = np.asarray(g["shape"][:]).ravel()
     except InputError:
         raise
     except KeyError as exc:
@@ -88,25 +96,40 @@ def read_10x_h5(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, pd.
             f"{path}: not a 10x feature-barcode HDF5 (missing {exc}); expected matrix/data, "
             "indices, indptr, shape, barcodes and features/id, name"
         ) from None
-    except (OSError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # h5py raises many types on damaged files
         raise InputError(
-            f"{path}: unreadable HDF5 file ({msg}); re-export or re-download it"
+            f"{path}: unreadable HDF5 file ({one_line(exc)}); re-export or re-download it"
         ) from None
-    n_feat, n_bc = shape
-    if len(barcodes) != n_bc or len(ids) != n_feat or len(indptr) != n_bc + 1:
+    if shape.size != 2 or shape.dtype.kind not in "iu" or (shape < 0).any():
         raise InputError(
-            f"{path}: inconsistent matrix (shape {shape}, {len(barcodes)} barcodes, "
-            f"{len(ids)} features, {len(indptr)} indptr entries); the file is corrupt"
+            f"{path}: matrix/shape is {shape.tolist()}, not two counts; the file is corrupt"
+        )
+    n_feat, n_bc = (int(v) for v in shape)
+    if (
+        len(barcodes) != n_bc
+        or len(ids) != n_feat
+        or len(names) != n_feat
+        or len(ftype) != n_feat
+        or len(indptr) != n_bc + 1
+        or len(indices) != len(data)
+    ):
+        raise InputError(
+            f"{path}: inconsistent matrix (shape {(n_feat, n_bc)}, {len(barcodes)} barcodes, "
+            f"{len(ids)} features, {len(indptr)} indptr entries, {len(data)} values for "
+            f"{len(indices)} indices); the file is corrupt"
         )
     try:
         X = sp.csr_matrix(
             (data.astype(np.float32, copy=False), indices, indptr), shape=(n_bc, n_feat)
         )
-        X.check_format(full_check=False)
-    except ValueError as exc:
-        raise InputError(f"{path}: corrupt sparse matrix ({exc}); re-export the file") from None
-    return _gene_expression_only(X, barcodes, ids, names, ftype)
+        X.check_format(full_check=True)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(
+            f"{path}: corrupt sparse matrix ({one_line(exc)}); re-export the file"
+        ) from None
+    X, barcodes, features = _gene_expression_only(X, barcodes, ids, names, ftype)
+    check_values(X, source=path, obs_names=barcodes, var_names=features["name"].to_numpy())
+    return X, barcodes, features
 
 
 def _read_table_lines(path: Path) -> list[list[str]]:
@@ -114,8 +137,10 @@ def _read_table_lines(path: Path) -> list[list[str]]:
     try:
         with opener(path, "rt") as fh:
             return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable ({exc}); re-export the matrix folder") from None
+    except Exception as exc:  # gzip / zlib / decoding errors of many kinds
+        raise InputError(
+            f"{path}: unreadable ({one_line(exc)}); re-export the matrix folder"
+        ) from None
 
 
 def _first(folder: Path, names: list[str]) -> Path | None:
@@ -137,12 +162,20 @@ def read_10x_mtx(folder: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, 
     for f, name in ((mtx, "matrix.mtx.gz"), (bc, "barcodes.tsv.gz"), (ft, "features.tsv.gz")):
         if f is None:
             raise InputError(f"{folder}: {name} is missing; a 10x matrix folder needs it")
+    for f in (mtx, bc, ft):
+        if not f.is_file():
+            raise InputError(f"{f}: is a folder; expected a file of the 10x matrix folder")
     try:
         opener = gzip.open if mtx.suffix == ".gz" else open
         with opener(mtx, "rb") as fh:
             M = scipy.io.mmread(fh)
-    except (OSError, EOFError, ValueError, IndexError) as exc:
-        raise InputError(f"{mtx}: unreadable Matrix Market file ({exc}); re-export it") from None
+        if M.ndim != 2 or M.dtype.kind not in "biuf":
+            raise ValueError(f"a {M.dtype} matrix, not counts")
+        X = sp.csr_matrix(M.T, dtype=np.float32)
+    except Exception as exc:  # gzip, the Matrix Market parser and numpy raise many types
+        raise InputError(
+            f"{mtx}: unreadable Matrix Market file ({one_line(exc)}); re-export it"
+        ) from None
     barcodes = np.array([r[0] for r in _read_table_lines(bc)], dtype=object)
     rows = _read_table_lines(ft)
     ids = np.array([r[0] for r in rows], dtype=object)
@@ -153,8 +186,9 @@ def read_10x_mtx(folder: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, 
             f"{mtx}: matrix shape {M.shape} does not match {len(ids)} features x "
             f"{len(barcodes)} barcodes; the folder is inconsistent"
         )
-    X = sp.csr_matrix(M.T, dtype=np.float32)
-    return _gene_expression_only(X, barcodes, ids, names, ftype)
+    X, barcodes, features = _gene_expression_only(X, barcodes, ids, names, ftype)
+    check_values(X, source=mtx, obs_names=barcodes, var_names=features["name"].to_numpy())
+    return X, barcodes, features
 
 
 def _gene_expression_only(X, barcodes, ids, names, ftype):
@@ -176,6 +210,8 @@ def read_positions(path: str | os.PathLike) -> pd.DataFrame:
     ``pxl_row_in_fullres``, ``pxl_col_in_fullres``.
     """
     path = as_path(path, "spot positions file")
+    if not path.is_file():
+        raise InputError(f"{path}: is a folder; expected a spot positions file")
     try:
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
@@ -194,8 +230,7 @@ def read_positions(path: str | os.PathLike) -> pd.DataFrame:
     except InputError:
         raise
     except Exception as exc:  # pandas / pyarrow parse errors of many kinds
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable positions file ({msg})") from None
+        raise InputError(f"{path}: unreadable positions file ({one_line(exc)})") from None
     missing = [c for c in POSITION_COLUMNS if c not in df.columns]
     if missing:
         raise InputError(
@@ -205,9 +240,22 @@ def read_positions(path: str | os.PathLike) -> pd.DataFrame:
     df["barcode"] = df["barcode"].astype(str)
     df = df.drop_duplicates("barcode").set_index("barcode")
     for c in POSITION_COLUMNS[1:]:
-        df[c] = pd.to_numeric(df[c], errors="coerce")
-    if df.isna().any().any():
-        raise InputError(f"{path}: non-numeric or empty values in the position columns")
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype(np.float64)
+    values = df.to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(
+            f"{path}: {int(bad.sum())} non-numeric, empty or infinite value(s) in the position "
+            f"columns, e.g. {df.columns[c]} of barcode {df.index[r]!r}"
+        )
+    lattice = values[:, :3]
+    if (lattice != np.round(lattice)).any() or not df["in_tissue"].isin((0, 1)).all():
+        raise InputError(
+            f"{path}: in_tissue must be 0 or 1 and array_row / array_col whole numbers"
+        )
+    for c in POSITION_COLUMNS[1:4]:
+        df[c] = df[c].astype(np.int64)
     return df
 
 
@@ -318,12 +366,26 @@ def read_visium(
     pos_path = _find_positions(spatial)
     pos = read_positions(pos_path)
     bc = pd.Index([str(b) for b in barcodes])
+    if not bc.is_unique:
+        dup = bc[bc.duplicated()][0]
+        raise InputError(f"{mat}: barcode {dup!r} occurs more than once; the matrix is corrupt")
     missing = ~bc.isin(pos.index)
     if missing.any():
-        raise InputError(
-            f"{pos_path}: {int(missing.sum())} of {len(bc)} matrix barcodes are absent "
-            f"(e.g. {bc[np.flatnonzero(missing)[0]]}); the positions file belongs to another slide"
+        n_missing = int(missing.sum())
+        some = ", ".join(bc[np.flatnonzero(missing)[:3]])
+        if n_missing > MAX_UNPLACED_FRACTION * len(bc):
+            raise InputError(
+                f"{pos_path}: {n_missing} of {len(bc)} matrix barcodes are absent (e.g. {some}; "
+                f"at most {MAX_UNPLACED_FRACTION:.0%} may be); the positions file belongs to "
+                "another slide"
+            )
+        warnings.warn(
+            f"{pos_path.name}: {n_missing} of {len(bc)} matrix barcodes have no position and "
+            f"were dropped ({some})",
+            stacklevel=2,
         )
+        keep = np.flatnonzero(~missing)
+        X, bc = X[keep], bc[keep]
     lattice = pos[["array_col", "array_row", "pxl_col_in_fullres", "pxl_row_in_fullres"]]
     pos = pos.loc[bc]
     # --- scale factors
@@ -333,10 +395,20 @@ def read_visium(
     try:
         sf_raw = json.loads(sf_path.read_text())
     except (OSError, ValueError) as exc:
-        raise InputError(f"{sf_path}: not valid JSON ({exc})") from None
-    scalef = {k: float(v) for k, v in sf_raw.items() if isinstance(v, (int, float))}
-    if not scalef.get("spot_diameter_fullres", 0) > 0:
-        raise InputError(f"{sf_path}: spot_diameter_fullres is missing or not positive")
+        raise InputError(f"{sf_path}: not valid JSON ({one_line(exc)})") from None
+    if not isinstance(sf_raw, dict):
+        raise InputError(f"{sf_path}: expected a JSON object of scale factors")
+    scalef = {
+        k: float(v)
+        for k, v in sf_raw.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    for k, v in scalef.items():
+        positive = k in ("spot_diameter_fullres", "bin_size_um", "microns_per_pixel")
+        if not math.isfinite(v) or ((positive or k.endswith("_scalef")) and v <= 0):
+            raise InputError(f"{sf_path}: {k} = {v} is not a positive, finite number")
+    if "spot_diameter_fullres" not in scalef:
+        raise InputError(f"{sf_path}: spot_diameter_fullres is missing or not a number")
     # --- platform and scale
     bin_size = scalef.get("bin_size_um") or _bin_size_from_name(folder)
     is_hd = pos_path.suffix == ".parquet" or "bin_size_um" in scalef or bin_size is not None
@@ -428,15 +500,15 @@ def _h5_library_id(path: Path) -> str | None:
     try:
         with h5py.File(path, "r") as f:
             ids = f.attrs.get("library_ids")
-    except OSError:
+        if ids is None:
+            return None
+        ids = np.atleast_1d(ids)
+        if len(ids) != 1:
+            return None
+        v = ids[0].decode() if isinstance(ids[0], bytes) else str(ids[0])
+    except Exception:  # a damaged attribute: fall back to the folder name
         return None
-    if ids is None:
-        return None
-    ids = np.atleast_1d(ids)
-    if len(ids) != 1:
-        return None
-    v = ids[0].decode() if isinstance(ids[0], bytes) else str(ids[0])
-    return None if v in ("", "custom") else v
+    return None if v in ("", "custom") or "/" in v else v
 
 
 def _lattice_mpp(lat_um, lattice, mpp_sf, scalef, is_hd) -> tuple[float, str]:
