@@ -467,20 +467,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a model or training checkpoint with ``torch.load(weights_only=True)``.
 
     A missing file, a file the safe loader refuses, or one without ``model_config`` raises a
-    one-line :class:`InputError`.
+    one-line :class:`InputError` (``"<path>: not a tissuegraph checkpoint: <reason>"``).
     """
+    from tissuegraph.graph.storage import safe_load
+
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    obj = safe_load(p, "checkpoint")
+    if not isinstance(obj, dict):
         raise InputError(
-            f"{p} is not a tissuegraph checkpoint (refused by the safe loader: "
-            f"{str(exc).strip().splitlines()[0][:160]})"
-        ) from exc
-    if not isinstance(obj, dict) or "model_config" not in obj:
-        raise InputError(f"{p} is not a tissuegraph checkpoint (no 'model_config')")
+            f"{p}: not a tissuegraph checkpoint: it holds a {type(obj).__name__}, not a dict"
+        )
+    if "model_config" not in obj:
+        raise InputError(
+            f"{p}: not a tissuegraph checkpoint: no 'model_config' (write it with "
+            "tissuegraph pretrain or tissuegraph.nn.save_model)"
+        )
     return obj
 
 
