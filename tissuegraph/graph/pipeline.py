@@ -10,7 +10,6 @@ to date (same configuration hash) are skipped.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +42,12 @@ from tissuegraph.graph.patches import (
 )
 from tissuegraph.graph.priors import PriorEdges, PriorTables, prior_edges, read_prior_tables
 from tissuegraph.graph.spatial import SPATIAL_METHODS, spot_graph
-from tissuegraph.graph.storage import read_manifest, save_graph, write_manifest
+from tissuegraph.graph.storage import (
+    read_manifest,
+    save_graph,
+    write_manifest,
+    write_resolved_config,
+)
 
 __all__ = [
     "build_graphs",
@@ -577,6 +581,7 @@ def _build_and_save(task: dict, adata=None) -> dict:
 
 def _versions() -> dict:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import scipy
     import torch_geometric
@@ -588,10 +593,11 @@ def _versions() -> dict:
         "torch": torch.__version__,
         "torch_geometric": torch_geometric.__version__,
     }
-    for mod in ("anndata", "timm"):
-        m = sys.modules.get(mod)
-        if m is not None:
-            out[mod] = getattr(m, "__version__", "?")
+    for dist in ("anndata", "timm"):  # from metadata: no import, no deprecated __version__
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return out
 
 
@@ -710,8 +716,6 @@ def _build_all(
     force,
     progress,
 ) -> dict:
-    from tissuegraph.config import save_config
-
     adatas: dict = {}
     if old and old.get("panel_key") == panel_key and old.get("genes") and not force:
         genes = list(old["genes"])
@@ -858,8 +862,9 @@ def _build_all(
             bar.close()
 
     m = manifest()
-    write_manifest(out_dir, m)
-    save_config(cfg, out_dir / S.RESOLVED_CONFIG)
+    if entries or old is not None:  # a build that made nothing leaves no file behind
+        write_manifest(out_dir, m)  # both only when their content changed
+        write_resolved_config(out_dir, cfg)
     if progress:
         n_built = sum(1 for t in tasks if t["spec"]["name"] in entries)
         n_skip = len(entries) - n_built
@@ -871,8 +876,11 @@ def _build_all(
             out_dir,
         )
     if failures:
+        first = next(iter(failures))
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        written = f"; the others were written to {out_dir}" if entries else ""
         raise TissueGraphError(
-            f"{len(failures)} of {len(names)} slide(s) failed ({', '.join(failures)}); "
-            f"the others were written to {out_dir}"
+            f"{len(failures)} of {len(names)} slide(s) failed: {first}: {failures[first]}"
+            f"{more}{written}"
         )
     return m
