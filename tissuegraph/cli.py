@@ -34,6 +34,15 @@ def _common(debug_only: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def _min_gene_overlap(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-gene-overlap",
+        type=float,
+        default=0.5,
+        help="refuse a slide with less than this fraction of the checkpoint's genes (0.5)",
+    )
+
+
 def _with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", "-c", required=required, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -90,7 +99,14 @@ def _embed(args) -> int:
 
     _torch_threads()
     adata = io.read_any(args.input)
-    tl.embed(adata, args.checkpoint, kind=args.kind, device=args.device, key_added=args.key)
+    tl.embed(
+        adata,
+        args.checkpoint,
+        kind=args.kind,
+        device=args.device,
+        key_added=args.key,
+        min_gene_overlap=args.min_gene_overlap,
+    )
     io.write_h5ad(adata, args.out)
     print(f"wrote {args.out} (obsm[{args.key!r}]: {adata.obsm[args.key].shape})")
     return 0
@@ -118,6 +134,7 @@ def _predict(args) -> int:
         device=args.device,
         pseudo_spacing_um=args.spacing_um,
         microns_per_pixel=args.microns_per_pixel,
+        min_gene_overlap=args.min_gene_overlap,
     )
     io.write_h5ad(pred, args.out)
     print(f"wrote {args.out} ({pred.n_obs} spots x {pred.n_vars} genes predicted)")
@@ -198,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
     p.add_argument("--key", default="X_tissuegraph", help="obsm key to write")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _min_gene_overlap(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser(
@@ -236,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel size of a bare image (default: TIFF metadata, else 0.5 with a warning)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _min_gene_overlap(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(

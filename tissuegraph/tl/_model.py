@@ -44,6 +44,96 @@ def load_checkpoint(checkpoint, device: str, func: str):
     return model, info
 
 
+# ------------------------------------------------------------------ does the slide fit?
+#: Integer values above this are counts: no log-normalised value comes near it
+#: (``log1p`` of a million is 13.8).
+_COUNT_MAX = 30.0
+
+
+def _gene_overlap(adata, genes: list[str]) -> int:
+    """Panel genes found in ``adata.var_names`` (case-insensitive, as the graph builder)."""
+    names = {str(v).upper() for v in adata.var_names}
+    return sum(1 for g in genes if str(g).upper() in names)
+
+
+def check_gene_overlap(adata, info: dict, func: str, min_gene_overlap: float) -> None:
+    """Refuse a slide that shares less than ``min_gene_overlap`` of the checkpoint's panel."""
+    if not 0.0 <= float(min_gene_overlap) <= 1.0:
+        raise InputError(f"{func}: min_gene_overlap must lie in [0, 1], got {min_gene_overlap}")
+    genes = [str(g) for g in info.get("genes") or []]
+    if not genes:
+        return
+    n = _gene_overlap(adata, genes)
+    if n >= float(min_gene_overlap) * len(genes):
+        return
+    hint = "use a checkpoint trained on this slide's genes, or lower min_gene_overlap"
+    if "gene_ids" in adata.var:
+        ids = {str(v).upper() for v in adata.var["gene_ids"]}
+        k = sum(1 for g in genes if g.upper() in ids)
+        if k > n:
+            hint = f"var['gene_ids'] match {k}: use them as var_names"
+    raise InputError(
+        f"{func}: the slide shares {n} of the checkpoint's {len(genes)} panel genes "
+        f"({n / len(genes):.0%}, min_gene_overlap={float(min_gene_overlap):.0%}); {hint}"
+    )
+
+
+def _expected_expression(info: dict) -> tuple[str | None, str]:
+    """What the model was fed: ``("raw", why)``, ``("normalized", why)`` or ``(None, "")``.
+
+    ``log1p_cp10k`` / ``log1p`` graphs are built from raw counts; with ``none`` the slides'
+    values went in as stored, so the training slides' ``expression`` decides.
+    """
+    bc = info.get("build_config") or {}
+    method = str((bc.get("normalize") or {}).get("method", "log1p_cp10k"))
+    if method != "none":
+        return "raw", f"its graphs were built from raw counts (normalize.method={method})"
+    slides = [s for s in bc.get("slides") or [] if isinstance(s, dict)]
+    kinds = {str(s.get("expression") or "raw") for s in slides}
+    if len(kinds) == 1:
+        kind = kinds.pop()
+        return kind, f"it was trained on {kind} values as stored (normalize.method=none)"
+    return None, ""
+
+
+def check_input_values(adata, info: dict, func: str) -> None:
+    """Refuse expression that the checkpoint's model was not trained on: NaN, infinite or
+    negative values; normalised values where raw counts went in; raw counts where
+    normalised values went in (integers above 30, which no log-normalised value reaches)."""
+    from tissuegraph.io._common import check_values
+
+    x = adata.X
+    if x is None:
+        raise InputError(f"{func}: adata.X is empty; store the slide's expression in X")
+    check_values(
+        x,
+        source=f"{func}: adata.X",
+        obs_names=adata.obs_names,
+        var_names=adata.var_names,
+        expression="normalized",
+        what="expression",
+    )
+    expected, why = _expected_expression(info)
+    data = np.asarray(x.data if sp.issparse(x) else x).ravel()
+    data = data[data != 0]
+    if expected is None or data.size == 0:
+        return
+    integer = bool(np.all(data == np.round(data)))
+    vmax, vmean = float(data.max()), float(data.mean())
+    stats = f"non-zero values: max {vmax:.3g}, mean {vmean:.3g}"
+    if expected == "raw" and not integer:
+        raise InputError(
+            f"{func}: adata.X holds non-integer values ({stats}), i.e. normalised expression, "
+            f"but the checkpoint expects raw counts: {why}; put raw counts in X "
+            "(e.g. adata.layers['counts'] or adata.raw)"
+        )
+    if expected == "normalized" and integer and vmax > _COUNT_MAX:
+        raise InputError(
+            f"{func}: adata.X holds raw counts ({stats}) but {why}; normalise the slide "
+            "as the training slides were"
+        )
+
+
 def _existing_priors(build_config: dict) -> dict:
     """Drop prior-table paths of a stored build config that do not exist here."""
     cfg = dict(build_config)
@@ -98,6 +188,7 @@ def embed(
     kind: str = "fused",
     device: str = "auto",
     batch_spots: int | None = None,
+    min_gene_overlap: float = 0.5,
     key_added: str = EMBED_KEY,
     copy: bool = False,
 ):
@@ -126,6 +217,11 @@ def embed(
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     batch_spots
         Spots per tile (default: the inference default).
+    min_gene_overlap
+        Least fraction of the checkpoint's panel genes the slide must have; below it the
+        slide is refused (:class:`~tissuegraph.errors.InputError` naming both numbers). The
+        slide's values are also checked against what the model was trained on (raw counts
+        or normalised values, see the checkpoint's ``normalize.method``).
     key_added
         obsm / uns key.
 
@@ -140,6 +236,8 @@ def embed(
     check_choice(kind, "kind", KINDS, func)
     dev = resolve_device(device)
     model, info = load_checkpoint(checkpoint, dev, func)
+    check_gene_overlap(adata, info, func, min_gene_overlap)
+    check_input_values(adata, info, func)
     adata = adata.copy() if copy else adata
     if graph is None:
         graph = graph_for_adata(adata, info)
@@ -172,6 +270,7 @@ def embed(
             "checkpoint": str(checkpoint) if not isinstance(checkpoint, tuple) else "in-memory",
             "kind": kind,
             "device": dev,
+            "min_gene_overlap": float(min_gene_overlap),
         },
         checkpoint_hash=str(info.get("checkpoint_hash", "")),
         step=int(info.get("step", -1) or -1),
@@ -335,6 +434,7 @@ def predict_expression(
     use_expression: bool = False,
     device: str = "auto",
     batch_spots: int | None = None,
+    min_gene_overlap: float = 0.5,
 ):
     """Predict the checkpoint's gene panel from the H&E image.
 
@@ -360,6 +460,12 @@ def predict_expression(
         (each spot's own expression is always hidden). Default: image only.
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    batch_spots
+        Spots per tile (default: the inference default).
+    min_gene_overlap
+        A slide with measured expression must share at least this fraction of the
+        checkpoint's panel genes (else :class:`~tissuegraph.errors.InputError`); with
+        ``use_expression`` its values must also be of the kind the model was trained on.
 
     Returns
     -------
@@ -402,6 +508,10 @@ def predict_expression(
         model, info = load_checkpoint(checkpoint, dev, func)
         has_measured = src.n_vars > 0 and float(abs(src.X).sum()) > 0
     genes = [str(g) for g in info["genes"]]
+    if has_measured or use_expression:
+        check_gene_overlap(src, info, func, min_gene_overlap)
+    if use_expression:
+        check_input_values(src, info, func)
     # the graph input: the slide without expression unless asked for
     if use_expression:
         graph_src = src
@@ -444,6 +554,7 @@ def predict_expression(
             "pseudo_spacing_um": pseudo_spacing_um,
             "use_expression": use_expression,
             "device": dev,
+            "min_gene_overlap": float(min_gene_overlap),
         },
         checkpoint_hash=str(info.get("checkpoint_hash", "")),
         missing_genes=missing if has_measured else [],
