@@ -150,6 +150,21 @@ def test_bad_values_refused_even_when_normalised(tmp_path, toy, value, kind):
         read_h5ad(p)
 
 
+def test_slide_columns_checked(tmp_path, toy):
+    a = toy.copy()
+    a.obs["in_tissue"] = a.obs["in_tissue"].to_numpy() * 0 + 1
+    a.obs.iloc[3, a.obs.columns.get_loc("in_tissue")] = -1
+    write_h5ad(a, tmp_path / "t.h5ad")
+    with pytest.raises(InputError, match=r"t.h5ad: obs\['in_tissue'\] holds values other than"):
+        read_h5ad(tmp_path / "t.h5ad")
+    b = toy.copy()
+    b.obs["array_row"] = b.obs["array_row"].astype(float)
+    b.obs.iloc[0, b.obs.columns.get_loc("array_row")] = 2.5
+    write_h5ad(b, tmp_path / "r.h5ad")
+    with pytest.raises(InputError, match=r"obs\['array_row'\] holds values that are not whole"):
+        read_h5ad(tmp_path / "r.h5ad")
+
+
 def test_nan_coordinates_refused(tmp_path, toy):
     a = toy.copy()
     a.obsm["spatial"] = a.obsm["spatial"].copy()

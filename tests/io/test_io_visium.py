@@ -413,3 +413,42 @@ def test_image_path_not_matching(tmp_path, toy_dir):
         read_visium(toy_dir, image_path=small)
     with pytest.raises(InputError, match="not found"):
         read_visium(toy_dir, image_path=tmp_path / "missing.tif")
+
+
+# ----------------------------------------------------------------------------- found by fuzzing
+def test_h5_index_pointers_that_wrap_around(tmp_path, toy_dir):
+    """indptr stored as int8 wraps to negative values; scipy's own check skips such a matrix
+    and sorting it then crashed. It is refused instead."""
+    X, bc, feats = read_10x_h5(toy_dir / "filtered_feature_bc_matrix.h5")
+    copy_spatial(toy_dir, tmp_path)
+    p = tmp_path / "filtered_feature_bc_matrix.h5"
+    write_10x_h5(p, X, bc, feats["gene_ids"], feats["name"])
+    with h5py.File(p, "r+") as f:
+        indptr = f["matrix/indptr"][:]
+        del f["matrix/indptr"]
+        f["matrix/indptr"] = indptr.astype(np.int8)
+    with pytest.raises(InputError, match=r"corrupt sparse matrix \(index pointers run from 0"):
+        read_visium(tmp_path)
+
+
+def test_image_without_its_scale_factor_is_not_used(tmp_path, toy_dir):
+    from tissuegraph.io import open_image
+
+    copy_spatial(toy_dir, tmp_path)
+    shutil.copy(toy_dir / "filtered_feature_bc_matrix.h5", tmp_path)
+    sf_path = tmp_path / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_path.read_text())
+    del sf["tissue_lowres_scalef"], sf["tissue_hires_scalef"]
+    sf_path.write_text(json.dumps(sf))
+    with pytest.warns(UserWarning) as rec:
+        a = read_visium(tmp_path)
+    msgs = sorted(str(r.message) for r in rec)
+    assert msgs == [
+        f"tissue_{k}_image.png: no tissue_{k}_scalef in scalefactors_json.json; the image is "
+        "not used"
+        for k in ("hires", "lowres")
+    ]
+    lib = a.uns["tissuegraph"]["library_id"]
+    assert a.uns["spatial"][lib]["images"] == {}
+    with pytest.raises(InputError, match=f"no image for library .*read from {tmp_path}"):
+        open_image(a)

@@ -70,6 +70,26 @@ def one_line(exc: BaseException, limit: int = 160) -> str:
     return text
 
 
+def sparse_index_problem(indptr, indices, n_major: int, n_minor: int) -> str | None:
+    """What is wrong with the index arrays of a CSR (CSC) matrix of ``n_major`` rows
+    (columns) and ``n_minor`` columns (rows), or ``None``.
+
+    Checked in full, unlike scipy's ``check_format``, which skips its range checks when
+    the last index pointer is not positive (and then crashes later on such a matrix)."""
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+        return f"index arrays of type {indptr.dtype} / {indices.dtype}, not integers"
+    if indptr.ndim != 1 or indices.ndim != 1 or len(indptr) != n_major + 1:
+        return f"{len(indptr)} index pointers for {n_major} rows"
+    if indptr[0] != 0 or indptr[-1] != len(indices):
+        return f"index pointers run from {indptr[0]} to {indptr[-1]}, not 0 to {len(indices)}"
+    if (np.diff(indptr) < 0).any():
+        return "index pointers decrease"
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_minor):
+        return f"indices outside 0..{n_minor - 1}"
+    return None
+
+
 def check_values(
     X,
     *,

@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import InputError
-from tissuegraph.io._common import EXPRESSION, as_path, check_values, one_line
+from tissuegraph.io._common import (
+    EXPRESSION,
+    as_path,
+    check_values,
+    one_line,
+    sparse_index_problem,
+)
 
 __all__ = ["read_h5ad", "write_h5ad", "sanitize_uns"]
 
@@ -66,10 +73,14 @@ def _check_layout(adata, path: Path, expression: str) -> None:
     if X is None:
         raise InputError(f"{path}: X is empty; store the spots x genes matrix in X")
     if sp.issparse(X):
-        try:
-            X.check_format(full_check=True)
-        except Exception as exc:
-            raise InputError(f"{path}: X is a corrupt sparse matrix ({one_line(exc)})") from None
+        if X.format not in ("csr", "csc"):
+            raise InputError(f"{path}: X is a {X.format} matrix; store it as CSR or CSC")
+        major, minor = X.shape if X.format == "csr" else X.shape[::-1]
+        problem = sparse_index_problem(X.indptr, X.indices, major, minor)
+        if problem is None and len(X.data) != len(X.indices):
+            problem = f"{len(X.data)} values for {len(X.indices)} indices"
+        if problem:
+            raise InputError(f"{path}: X is a corrupt sparse matrix ({problem})")
     elif not isinstance(X, np.ndarray):
         raise InputError(f"{path}: X is a {type(X).__name__}; expected an array or sparse matrix")
     check_values(
@@ -80,6 +91,15 @@ def _check_layout(adata, path: Path, expression: str) -> None:
         expression=expression,
         what="counts in X" if expression == "raw" else "expression in X",
     )
+    obs = adata.obs
+    if "in_tissue" in obs and not pd.Series(obs["in_tissue"]).isin((0, 1, True, False)).all():
+        raise InputError(f"{path}: obs['in_tissue'] holds values other than 0 and 1")
+    for key in ("array_row", "array_col"):
+        if key not in obs:
+            continue
+        v = pd.to_numeric(pd.Series(obs[key]), errors="coerce").to_numpy(dtype=np.float64)
+        if not (np.isfinite(v) & (v == np.round(v))).all():
+            raise InputError(f"{path}: obs[{key!r}] holds values that are not whole numbers")
     for key in ("spatial", "spatial_um"):
         if key not in adata.obsm:
             continue

@@ -751,7 +751,8 @@ def open_image(adata, *, library_id: str | None = None, prefer: str = "auto") ->
         s = sf.get(f"tissue_{key}_scalef")
         if img is not None and s:
             return SlideImage.from_array(np.asarray(img), float(s), microns_per_pixel=mpp)
+    src = f" (read from {tg['source']})" if tg.get("source") else ""
     raise InputError(
-        f"no image for library {lib!r}: set uns['tissuegraph']['image_path'] or provide "
+        f"no image for library {lib!r}{src}: set uns['tissuegraph']['image_path'] or provide "
         "uns['spatial'][lib]['images']['hires'/'lowres'] with their tissue_*_scalef"
     )

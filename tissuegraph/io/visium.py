@@ -22,6 +22,7 @@ from tissuegraph.io._common import (
     check_values,
     estimate_pixel_pitch,
     one_line,
+    sparse_index_problem,
 )
 
 __all__ = ["read_visium", "read_10x_h5", "read_10x_mtx", "read_positions"]
@@ -118,6 +119,9 @@ def read_10x_h5(path: str | os.PathLike) -> tuple[sp.csr_matrix, np.ndarray, pd.
             f"{len(ids)} features, {len(indptr)} indptr entries, {len(data)} values for "
             f"{len(indices)} indices); the file is corrupt"
         )
+    problem = sparse_index_problem(indptr, indices, n_bc, n_feat)
+    if problem:
+        raise InputError(f"{path}: corrupt sparse matrix ({problem}); re-export the file")
     try:
         X = sp.csr_matrix(
             (data.astype(np.float32, copy=False), indices, indptr), shape=(n_bc, n_feat)
@@ -433,8 +437,15 @@ def read_visium(
     images = {}
     for key in ("hires", "lowres"):
         p = spatial / f"tissue_{key}_image.png"
-        if p.exists():
-            images[key] = read_small_image(p)
+        if not p.exists():
+            continue
+        if f"tissue_{key}_scalef" not in scalef:
+            warnings.warn(
+                f"{p.name}: no tissue_{key}_scalef in {sf_path.name}; the image is not used",
+                stacklevel=2,
+            )
+            continue
+        images[key] = read_small_image(p)
     xy = np.stack(
         [pos["pxl_col_in_fullres"].to_numpy(float), pos["pxl_row_in_fullres"].to_numpy(float)],
         axis=1,
