@@ -496,7 +496,9 @@ class FuzzStats:
             "cases_by_suite": dict(self.cases),
             "outcomes": dict(self.outcomes.most_common()),
             "outcomes_by_suite": dict(sorted(self.suite_outcomes.items())),
-            "exception_types": sorted(k for k in self.outcomes if k != "valid"),
+            "exception_types": sorted(
+                {k.split(": ")[-1] for k in self.outcomes if not k.endswith("valid")}
+            ),
             "mutations": dict(self.ops.most_common()),
             "escapes": len(self.escapes),
             "escape_examples": self.escapes[:10],

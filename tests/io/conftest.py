@@ -12,6 +12,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("tissuegraph fuzz")
     tr.write_line(f"cases tried: {d['cases']} ({d['cases_by_suite']}) in {d['seconds']} s")
     tr.write_line("outcomes: " + ", ".join(f"{k} {v}" for k, v in d["outcomes"].items()))
+    tr.write_line(f"exception types seen: {', '.join(d['exception_types']) or 'none'}")
     tr.write_line(f"escapes: {d['escapes']}; partial outputs: {d['partial_outputs']}")
     for e in d["escape_examples"]:
         tr.write_line(f"  escape: {e}")
