@@ -57,10 +57,20 @@ class PanelConfig:
 
 @dataclass
 class NormalizeConfig:
-    """``log1p_cp10k`` (library-size to ``target_sum`` then log1p), ``log1p``, or ``none``."""
+    """``log1p_cp10k`` (library-size to ``target_sum`` then log1p), ``log1p``, or ``none``.
+
+    ``scale``: fit a per-gene mean / sd of the normalised expression on ``panel.fit_slides``
+    only (all slides when unset), stored in the manifest and, after pretraining, in the
+    checkpoint; the model standardises its expression input (clipped at ``±clip``) with it, on
+    every slide, new ones included. ``n_pcs``: also fit a PCA basis of the standardised
+    expression (0: none); the expression encoder then starts from the ``n_pcs`` components.
+    """
 
     method: str = "log1p_cp10k"
     target_sum: float = 1e4
+    scale: bool = True
+    n_pcs: int = 50
+    clip: float = 10.0
 
 
 @dataclass

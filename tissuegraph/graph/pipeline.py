@@ -90,6 +90,8 @@ def validate_config(cfg: DictConfig) -> None:
         validate_sizes(cfg.patches.sizes_um)
         if cfg.patches.crop_px < 1:
             raise ConfigError(f"patches.crop_px must be >= 1, got {cfg.patches.crop_px}")
+    if cfg.normalize.n_pcs < 0 or cfg.normalize.clip <= 0:
+        raise ConfigError("normalize.n_pcs must be >= 0 and normalize.clip > 0")
     if cfg.priors.expresses_top_k < 0:
         raise ConfigError("priors.expresses_top_k must be >= 0 (0 = all nonzero genes)")
     names = [s.name for s in cfg.slides]
@@ -812,7 +814,25 @@ def _build_all(
             "prior_files": prior_files,
             "slides": [{k: v for k, v in e.items() if k != "gene_ids"} for e in slides],
             "failed": dict(failures),
+            "standardize": std["stats"],
+            "standardize_key": std["key"],
         }
+
+    # standardisation statistics: fitted on the fit slides' graphs once they are built
+    nc = plain["normalize"]
+    std_names = [n for n in (plain["panel"]["fit_slides"] or names) if n in specs]
+
+    def std_key() -> str | None:
+        if not nc.get("scale", True):
+            return None
+        hashes = [(entries.get(n) or {}).get("config_hash") for n in std_names]
+        if None in hashes:
+            return None
+        return stable_hash({"slides": hashes, "n_pcs": nc.get("n_pcs"), "clip": nc.get("clip")})
+
+    std = {"stats": None, "key": None}
+    if old and old.get("standardize") and old.get("standardize_key") == std_key() and std_key():
+        std.update(stats=old["standardize"], key=old["standardize_key"])
 
     bar = None
     if progress and tasks:
@@ -861,6 +881,20 @@ def _build_all(
         if bar is not None:
             bar.close()
 
+    key = std_key()
+    if key is not None and std["key"] != key:
+        from tissuegraph.graph.standardize import fit_standardization
+        from tissuegraph.graph.storage import load_graph
+
+        xs = [load_graph(out_dir / entries[n]["file"])[S.SPOT][S.X] for n in std_names]
+        std["stats"] = fit_standardization(
+            xs,
+            n_pcs=int(nc.get("n_pcs") or 0),
+            clip=float(nc.get("clip", 10.0)),
+            seed=int(plain.get("seed", 0)),
+            names=std_names,
+        )
+        std["key"] = key
     m = manifest()
     if entries or old is not None:  # a build that made nothing leaves no file behind
         write_manifest(out_dir, m)  # both only when their content changed

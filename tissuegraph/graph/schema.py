@@ -105,6 +105,8 @@ def parent_rev_in_patch(k: int) -> tuple[str, str, str]:
 
 # attribute names
 X = "x"
+# the expression encoder's standardised input, attached in memory by the trainer (never stored)
+Z = "z"
 POS = "pos"
 SLIDE = "slide"
 COUNTS = "counts"

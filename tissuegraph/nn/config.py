@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 __all__ = ["ImageEncoderConfig", "ModelConfig", "FUSIONS", "CONVS", "AGGRS"]
 
 FUSIONS = ("early", "middle", "late")
-CONVS = ("sage", "graphconv", "gatv2", "hgt")
+CONVS = ("sage", "graphconv", "gcn", "gatv2", "hgt")
 AGGRS = ("sum", "mean", "max")
 
 
@@ -35,13 +35,17 @@ class ImageEncoderConfig:
 class ModelConfig:
     """The heterogeneous GNN.
 
-    ``conv``: ``sage`` (GraphSAGE, mean aggregation, ignores edge weights), ``graphconv``
+    ``conv``: ``sage`` (GraphSAGE, mean aggregation, ignores edge weights), ``gcn``
+    (symmetric-normalised GCN with self-loops on the spot graph, weighted by proximity;
+    GraphSAGE on the other relations), ``graphconv``
     (weighted mean aggregation with the relation's edge weight), ``gatv2`` (attention with the
     edge weight as a 1-d edge feature), ``hgt`` (heterogeneous graph transformer, ignores edge
     weights). ``aggr`` combines the relations arriving at one node type (not used by ``hgt``).
     ``fusion``: ``early`` (image features concatenated to the spot input), ``middle`` (spot and
     patch nodes exchange messages), ``late`` (separate expression and image branches joined
-    only in the final embedding).
+    only in the final embedding). ``residual``: add each layer's input to its update; ``norm``: LayerNorm after each layer.
+    ``use_genes``: pass messages through gene / pathway nodes (``False``: the spot graph and
+    the patches only).
     """
 
     name: str = "hetero_gnn"
@@ -55,4 +59,7 @@ class ModelConfig:
     expr_hidden_dim: int = 256
     proj_dim: int = 128
     use_edge_weights: bool = True
+    residual: bool = True
+    norm: bool = True
+    use_genes: bool = True
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)

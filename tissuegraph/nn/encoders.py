@@ -21,9 +21,15 @@ __all__ = [
 
 
 class ExpressionEncoder(nn.Module):
-    r"""Two-layer MLP for the normalised expression of a spot.
+    r"""Standardisation (optional PCA basis) then a two-layer MLP for a spot's expression.
 
-    .. math:: h = \mathrm{LN}(W_2\,\mathrm{GELU}(\mathrm{LN}(W_1 x)))
+    .. math::
+        z = \mathrm{clip}\big((x - \mu) / \sigma, \pm c\big)\,[B], \qquad
+        h = \mathrm{LN}(W_2\,\mathrm{GELU}(\mathrm{LN}(W_1 z)))
+
+    ``mu``, ``sigma`` and ``B`` are buffers fitted on the fit slides at build time
+    (:mod:`tissuegraph.graph.standardize`); they are saved with the model and reused unchanged
+    on every new slide. Without them (``standardize=False``) ``z = x``.
 
     Spots whose expression is hidden (masked-expression modelling, or prediction from the
     image alone) get a learned mask token instead.
@@ -34,14 +40,39 @@ class ExpressionEncoder(nn.Module):
         Panel size ``G``.
     hidden_dim, out_dim
         Width of the hidden layer and of the output.
+    standardize
+        Hold ``mean`` / ``sd`` buffers (set them with :meth:`set_standardization`).
+    n_pcs
+        Width ``k`` of the PCA basis ``B`` ``[G, k]`` (0: none).
+    clip
+        Clip of the standardised values.
 
     Shapes: ``x`` ``[N, G]`` (float16/float32), ``mask`` optional bool ``[N]`` -> ``[N, out_dim]``.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        dropout: float = 0.0,
+        *,
+        standardize: bool = False,
+        n_pcs: int = 0,
+        clip: float = 10.0,
+    ):
         super().__init__()
+        self.standardize = bool(standardize)
+        self.n_pcs = int(n_pcs) if standardize else 0
+        self.clip = float(clip)
+        if self.standardize:
+            self.register_buffer("std_mean", torch.zeros(in_dim))
+            self.register_buffer("std_sd", torch.ones(in_dim))
+            if self.n_pcs:
+                self.register_buffer("std_basis", torch.zeros(in_dim, self.n_pcs))
+        self.input_dim = self.n_pcs or in_dim
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
+            nn.Linear(self.input_dim, hidden_dim),
             nn.LayerNorm(hidden_dim),
             nn.GELU(),
             nn.Dropout(dropout),
@@ -57,8 +88,38 @@ class ExpressionEncoder(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        h = self.net(x.float())
+    @torch.no_grad()
+    def set_standardization(self, mean: Tensor, sd: Tensor, basis: Tensor | None = None) -> None:
+        """Copy fitted statistics into the buffers (shapes must match the panel / ``n_pcs``)."""
+        if not self.standardize:
+            raise ConfigError("this expression encoder was built without standardisation")
+        if mean.shape != self.std_mean.shape or sd.shape != self.std_sd.shape:
+            raise InputError(
+                f"standardisation statistics cover {mean.shape[0]} genes, the panel has "
+                f"{self.std_mean.shape[0]}: rebuild the graphs"
+            )
+        self.std_mean.copy_(mean)
+        self.std_sd.copy_(sd.clamp_min(1e-8))
+        if self.n_pcs:
+            if basis is None or tuple(basis.shape) != tuple(self.std_basis.shape):
+                raise InputError(
+                    f"the PCA basis has shape {None if basis is None else tuple(basis.shape)}, "
+                    f"the model expects {tuple(self.std_basis.shape)}: rebuild the graphs"
+                )
+            self.std_basis.copy_(basis)
+
+    def standardized(self, x: Tensor) -> Tensor:
+        """The encoder's input ``z`` ``[N, k or G]`` (also the masked-feature target)."""
+        z = x.float()
+        if self.standardize:
+            z = ((z - self.std_mean) / self.std_sd).clamp(-self.clip, self.clip)
+            if self.n_pcs:
+                z = z @ self.std_basis
+        return z
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, z: Tensor | None = None) -> Tensor:
+        """``z``: :meth:`standardized` of ``x`` computed earlier (skips the standardisation)."""
+        h = self.net(z.float() if z is not None else self.standardized(x))
         if mask is not None and bool(mask.any()):
             h = torch.where(mask[:, None], self.mask_token.to(h.dtype).expand_as(h), h)
         return h

@@ -14,9 +14,10 @@ All convolutions run on plain PyTorch (no pyg-lib / torch-sparse / torch-scatter
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torch_geometric.nn import GATv2Conv, GraphConv, HeteroConv, HGTConv, SAGEConv
+from torch_geometric.nn import GATv2Conv, GCNConv, GraphConv, HeteroConv, HGTConv, SAGEConv
 
 from tissuegraph.errors import ConfigError
+from tissuegraph.graph import schema as S
 from tissuegraph.nn.config import AGGRS, CONVS
 
 __all__ = ["HeteroGNN", "EdgeType"]
@@ -24,7 +25,15 @@ __all__ = ["HeteroGNN", "EdgeType"]
 EdgeType = tuple[str, str, str]
 
 
-def _relation_conv(kind: str, dim: int, heads: int, use_edge_weights: bool) -> nn.Module:
+def _relation_conv(
+    kind: str, dim: int, heads: int, use_edge_weights: bool, homogeneous: bool = False
+) -> nn.Module:
+    if kind == "gcn":
+        # symmetric-normalised propagation with self-loops on the spot graph (non-negative
+        # proximity weights); GraphSAGE mean aggregation on every other relation
+        if homogeneous:
+            return GCNConv(dim, dim, add_self_loops=True, normalize=True)
+        return SAGEConv((dim, dim), dim, aggr="mean")
     if kind == "sage":
         return SAGEConv((dim, dim), dim, aggr="mean")
     if kind == "graphconv":
@@ -56,7 +65,8 @@ class HeteroGNN(nn.Module):
     n_layers
         Number of message-passing layers (the spatial-tile halo must have as many hops).
     conv
-        ``sage``, ``graphconv``, ``gatv2`` or ``hgt``.
+        ``sage``, ``graphconv``, ``gcn`` (GCN on the spot graph, SAGE on other relations),
+        ``gatv2`` or ``hgt``.
     heads
         Attention heads for ``gatv2`` / ``hgt``.
     aggr
@@ -64,8 +74,12 @@ class HeteroGNN(nn.Module):
     dropout
         Dropout on the layer update.
     use_edge_weights
-        Give the per-edge scalar of each relation to ``graphconv`` (as edge weight) and
-        ``gatv2`` (as a 1-d edge feature).
+        Give the per-edge scalar of each relation to ``graphconv`` / ``gcn`` (as edge weight)
+        and ``gatv2`` (as a 1-d edge feature).
+    residual
+        Add the layer's input to its update (``False``: plain stacking, as GCN / STAGATE).
+    norm
+        LayerNorm after each layer (``False``: none).
 
     Forward: ``h_dict`` {type: ``[N_t, hidden_dim]``}, ``edge_index_dict`` {edge type:
     ``[2, E]``}, ``edge_scalar_dict`` {edge type: ``[E]``} (optional) -> updated ``h_dict``.
@@ -83,6 +97,8 @@ class HeteroGNN(nn.Module):
         aggr: str = "sum",
         dropout: float = 0.1,
         use_edge_weights: bool = True,
+        residual: bool = True,
+        norm: bool = True,
     ):
         super().__init__()
         if conv not in CONVS:
@@ -92,7 +108,8 @@ class HeteroGNN(nn.Module):
         self.node_types = list(node_types)
         self.edge_types = [tuple(e) for e in edge_types]
         self.conv_kind = conv
-        self.use_edge_weights = use_edge_weights and conv in ("graphconv", "gatv2")
+        self.use_edge_weights = use_edge_weights and conv in ("graphconv", "gatv2", "gcn")
+        self.residual = bool(residual)
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
         for _ in range(n_layers):
@@ -105,13 +122,19 @@ class HeteroGNN(nn.Module):
             else:
                 layer = HeteroConv(
                     {
-                        et: _relation_conv(conv, hidden_dim, heads, use_edge_weights)
+                        et: _relation_conv(
+                            conv, hidden_dim, heads, use_edge_weights, et == S.SPOT_NEAR_SPOT
+                        )
                         for et in self.edge_types
                     },
                     aggr=aggr,
                 )
             self.layers.append(layer)
-            self.norms.append(nn.ModuleDict({t: nn.LayerNorm(hidden_dim) for t in node_types}))
+            self.norms.append(
+                nn.ModuleDict(
+                    {t: nn.LayerNorm(hidden_dim) if norm else nn.Identity() for t in node_types}
+                )
+            )
         self.dropout = nn.Dropout(dropout)
         self.act = nn.GELU()
 
@@ -120,7 +143,8 @@ class HeteroGNN(nn.Module):
             layer.reset_parameters()
         for norms in self.norms:
             for n in norms.values():
-                n.reset_parameters()
+                if hasattr(n, "reset_parameters"):
+                    n.reset_parameters()
 
     def forward(
         self,
@@ -133,7 +157,11 @@ class HeteroGNN(nn.Module):
         kwargs = {}
         if self.use_edge_weights and edge_scalar_dict is not None:
             sc = {et: edge_scalar_dict[et] for et in eidx if et in edge_scalar_dict}
-            if self.conv_kind == "graphconv":
+            if self.conv_kind == "gcn":  # GCN takes weights; its SAGE relations do not
+                kwargs["edge_weight_dict"] = {
+                    et: v for et, v in sc.items() if et == S.SPOT_NEAR_SPOT
+                }
+            elif self.conv_kind == "graphconv":
                 kwargs["edge_weight_dict"] = sc
             else:
                 kwargs["edge_attr_dict"] = {et: s.view(-1, 1) for et, s in sc.items()}
@@ -148,6 +176,7 @@ class HeteroGNN(nn.Module):
                 if m is None:
                     new[t] = x
                 else:
-                    new[t] = norms[t](x + self.dropout(self.act(m.to(x.dtype))))
+                    upd = self.dropout(self.act(m.to(x.dtype)))
+                    new[t] = norms[t](x + upd if self.residual else upd)
             h = new
         return h

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ProjectionHead", "LocalisationHead", "ExpressionDecoder"]
+__all__ = ["ProjectionHead", "LocalisationHead", "ExpressionDecoder", "NeighbourDecoder"]
 
 
 class ProjectionHead(nn.Module):
@@ -57,3 +57,26 @@ class ExpressionDecoder(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.net(h)
+
+
+class NeighbourDecoder(nn.Module):
+    r"""One mean-aggregation layer that decodes a spot from itself and its spot neighbours.
+
+    .. math:: r_i = W_1 h_i + W_2 \tfrac{1}{|N(i)|} \textstyle\sum_{j \in N(i)} h_j
+
+    Used by the masked-feature objective after re-masking (the hidden spots' rows of ``h``
+    set to zero), so a hidden spot is decoded from what its neighbours carry.
+
+    Shapes: ``h`` ``[N, D]``, ``edge_index`` ``[2, E]`` (src -> dst) -> ``[N, out_dim]``.
+    """
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.self_lin = nn.Linear(dim, out_dim)
+        self.nbr_lin = nn.Linear(dim, out_dim, bias=False)
+
+    def forward(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        src, dst = edge_index
+        agg = torch.zeros_like(h).index_add_(0, dst, h[src])
+        deg = torch.bincount(dst, minlength=h.shape[0]).clamp_min(1).to(h.dtype)
+        return self.self_lin(h) + self.nbr_lin(agg / deg[:, None])

@@ -20,7 +20,12 @@ from tissuegraph.graph import schema as S
 from tissuegraph.nn.config import FUSIONS, ModelConfig
 from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
 from tissuegraph.nn.gnn import EdgeType, HeteroGNN
-from tissuegraph.nn.heads import ExpressionDecoder, LocalisationHead, ProjectionHead
+from tissuegraph.nn.heads import (
+    ExpressionDecoder,
+    LocalisationHead,
+    NeighbourDecoder,
+    ProjectionHead,
+)
 
 __all__ = [
     "TissueGraphModel",
@@ -274,8 +279,16 @@ class TissueGraphModel(nn.Module):
         self.has_pathways = spec["n_pathways"] > 0
         edge_types = [tuple(e) for e in spec["edge_types"]]
 
-        # encoders
-        self.expr_encoder = ExpressionEncoder(self.n_genes, c["expr_hidden_dim"], d, c["dropout"])
+        # encoders (standardisation buffers when the graphs carry fitted statistics)
+        self.expr_encoder = ExpressionEncoder(
+            self.n_genes,
+            c["expr_hidden_dim"],
+            d,
+            c["dropout"],
+            standardize=bool(spec.get("std_scale", False)),
+            n_pcs=int(spec.get("std_pcs", 0) or 0),
+            clip=float(spec.get("std_clip", 10.0) or 10.0),
+        )
         self.gene_emb = nn.Embedding(max(1, self.n_genes), d)
         self.pathway_emb = (
             nn.Embedding(max(1, spec["n_pathways"]), d) if self.has_pathways else None
@@ -304,8 +317,12 @@ class TissueGraphModel(nn.Module):
             aggr=c["aggr"],
             dropout=c["dropout"],
             use_edge_weights=c["use_edge_weights"],
+            residual=c["residual"],
+            norm=c["norm"],
         )
-        molecular = [S.SPOT, S.GENE] + ([S.PATHWAY] if self.has_pathways else [])
+        molecular = [S.SPOT]
+        if c["use_genes"]:
+            molecular += [S.GENE] + ([S.PATHWAY] if self.has_pathways else [])
         has_img = self.image_encoder is not None
         self.gnn_image: HeteroGNN | None = None
         self.early_input = None
@@ -339,6 +356,12 @@ class TissueGraphModel(nn.Module):
         self.loc_head = LocalisationHead(d, S.N_LOC)
         self.proj_cell = ProjectionHead(d, p)
         self.decoder = ExpressionDecoder(d, self.n_genes)
+        # spatial-domain heads: DGI discriminator, masked-feature and reconstruction decoders
+        # (targets: the standardised input z of the expression encoder)
+        z_dim = self.expr_encoder.input_dim
+        self.discriminator = nn.Bilinear(d, d, 1)
+        self.feature_decoder = NeighbourDecoder(d, z_dim)
+        self.recon_head = nn.Linear(d, z_dim)
         init = math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.logit_scale_region = nn.Parameter(torch.tensor(init))
@@ -357,10 +380,13 @@ class TissueGraphModel(nn.Module):
         return int(self.cfg["n_layers"])
 
     def encode_nodes(self, data: HeteroData) -> dict[str, Tensor]:
-        """Encoder outputs (before message passing) for every node type in ``data``."""
+        """Encoder outputs (before message passing) for every node type in ``data``.
+
+        ``spot.z`` (optional): the standardised input, precomputed with this model's
+        statistics (the trainer attaches it once per slide), used instead of ``spot.x``."""
         spot = data[S.SPOT]
         mask = spot.get("x_mask", None)
-        enc = {S.SPOT: self.expr_encoder(spot[S.X], mask)}
+        enc = {S.SPOT: self.expr_encoder(spot[S.X], mask, z=spot.get(S.Z, None))}
         dev = enc[S.SPOT].device
         gidx = (
             data[S.GENE][S.INDEX]
@@ -386,9 +412,27 @@ class TissueGraphModel(nn.Module):
                 enc[t] = part
         return enc
 
-    def forward(self, data: HeteroData) -> dict[str, Any]:
-        enc = self.encode_nodes(data)
+    def forward(
+        self, data: HeteroData, perm: Tensor | None = None, enc: dict | None = None
+    ) -> dict[str, Any]:
+        """Embeddings of ``data``.
+
+        ``perm`` ``[N]`` (optional): spot ``i`` gets the expression of spot ``perm[i]`` (its
+        encoding and its ``expresses`` edges move together; the graph and the image stay): the
+        feature-shuffle corruption of the local-global objective. ``enc``: encoder outputs of
+        an earlier pass over the same ``data`` to reuse."""
+        enc = dict(enc) if enc is not None else self.encode_nodes(data)
         eidx = dict(data.edge_index_dict)
+        if perm is not None:
+            enc[S.SPOT] = enc[S.SPOT][perm]
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=perm.device)
+            for et in (S.SPOT_EXPRESSES_GENE, S.GENE_REV_EXPRESSES_SPOT):
+                if et in eidx:
+                    side = 0 if et[0] == S.SPOT else 1
+                    ei = eidx[et].clone()
+                    ei[side] = inv[ei[side]]
+                    eidx[et] = ei
         esc = edge_scalars(data) if self.cfg["use_edge_weights"] else None
         image = None
         if self.fusion == "early" and self.early_input is not None:

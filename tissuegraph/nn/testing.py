@@ -203,8 +203,18 @@ def tiny_graph(
     return data
 
 
-def write_graph_dir(graphs: list[HeteroData], out_dir: str | os.PathLike) -> Path:
-    """Save ``graphs`` and a ``manifest.json`` like ``tissuegraph build-graphs`` does."""
+def write_graph_dir(
+    graphs: list[HeteroData],
+    out_dir: str | os.PathLike,
+    *,
+    standardize: bool = False,
+    n_pcs: int = 0,
+    fit_slides: list[str] | None = None,
+) -> Path:
+    """Save ``graphs`` and a ``manifest.json`` like ``tissuegraph build-graphs`` does.
+
+    ``standardize``: also fit the standardisation statistics (and ``n_pcs`` components) on
+    ``fit_slides`` (default: all) into ``manifest["standardize"]``."""
     from tissuegraph.graph.storage import save_graph
 
     out = Path(out_dir)
@@ -236,5 +246,11 @@ def write_graph_dir(graphs: list[HeteroData], out_dir: str | os.PathLike) -> Pat
         "pathways": list(g0.meta["pathways"]),
         "slides": slides,
     }
+    if standardize:
+        from tissuegraph.graph.standardize import fit_standardization
+
+        names = fit_slides or [g.meta["slide"] for g in graphs]
+        xs = [g[S.SPOT][S.X] for g in graphs if g.meta["slide"] in names]
+        manifest["standardize"] = fit_standardization(xs, n_pcs=n_pcs, names=names)
     (out / S.MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out

@@ -34,6 +34,10 @@ class ObjectiveConfig:
     temperature_min: float = 0.01
     max_region_pairs: int = 512
     max_loc_pairs: int = 2048
+    local_global: float = 0.0
+    masked_feature: float = 0.0
+    reconstruction: float = 0.0
+    mae_gamma: float = 2.0
 
 
 @dataclass

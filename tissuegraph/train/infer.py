@@ -25,6 +25,8 @@ def _device(device) -> torch.device:
 
 
 def _tiles(index: SlideIndex, batch_spots: int):
+    if index.n <= batch_spots:  # the whole slide at once
+        return [np.arange(index.n)]
     side = _tile_side(index.pos, batch_spots)
     return grid_tiles(index.pos, side)
 
@@ -42,10 +44,11 @@ def embed_graph(
     data: HeteroData,
     *,
     kind: str = "fused",
-    batch_spots: int = 2048,
+    batch_spots: int = 8192,
     device="auto",
 ) -> np.ndarray:
-    """Spot embeddings of a whole slide graph, computed in spatial tiles with a full halo.
+    """Spot embeddings of a whole slide graph, computed in spatial tiles with a full halo
+    (``n_layers + 1`` hops; a slide of at most ``batch_spots`` spots is one tile).
 
     Parameters
     ----------
@@ -74,7 +77,8 @@ def embed_graph(
 
     g = torch.Generator().manual_seed(0)
     for core in _tiles(index, batch_spots):
-        tile = extract_tile(index, torch.from_numpy(core), m.n_layers)
+        # one hop more than the layers: the degree normalisation of the outer ring is exact
+        tile = extract_tile(index, torch.from_numpy(core), m.n_layers + 1)
         if kind != "fused":
             tile = apply_masks(
                 tile,
@@ -97,7 +101,7 @@ def predict_graph(
     model,
     data: HeteroData,
     *,
-    batch_spots: int = 2048,
+    batch_spots: int = 8192,
     device="auto",
     mask_ratio: float = 0.25,
 ) -> np.ndarray:

@@ -41,7 +41,7 @@ from tissuegraph.nn.model import (
 from tissuegraph.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tissuegraph.train.config import PretrainConfig
 from tissuegraph.train.evaluate import evaluate
-from tissuegraph.train.objectives import TERMS, Objectives, apply_masks
+from tissuegraph.train.objectives import MASKING_TERMS, TERMS, Objectives, apply_masks
 from tissuegraph.train.sampler import SlideIndex, TileSampler
 
 __all__ = ["pretrain", "Trainer", "TrainingInterrupted", "load_graph_dir", "resolve_device"]
@@ -256,6 +256,9 @@ class Trainer:
         # input (nothing written yet)
         self.manifest, graphs, self.slide_names = load_graph_dir(cfg.graphs)
         spec = merge_data_specs([data_spec(g) for g in graphs], self.slide_names)
+        std = self.manifest.get("standardize")  # fitted on the fit slides at build time
+        if std:
+            spec.update(std_scale=True, std_pcs=int(std.get("n_pcs") or 0), std_clip=std["clip"])
         self.build_info = {
             "build_config": self.manifest.get("build_config", {}),
             "genes": list(self.manifest.get("genes", [])),
@@ -276,6 +279,11 @@ class Trainer:
         np.random.seed(cfg.seed)
         model_cfg = ckpt["model_config"]["cfg"] if ckpt else cfg.model
         self.model = build_model(None, model_cfg, spec, load_backbone_weights=ckpt is None)
+        if std and ckpt is None:
+            from tissuegraph.graph.standardize import standardization_tensors
+
+            st = standardization_tensors(std)
+            self.model.expr_encoder.set_standardization(st["mean"], st["sd"], st["basis"])
         self.objectives = Objectives(self.model, cfg.objectives)
         if not self.objectives.active():
             raise ConfigError(
@@ -322,6 +330,23 @@ class Trainer:
                 self._rng_to_restore = (
                     rngs[self.rank] if same_world and self.rank < len(rngs) else rngs[0]
                 )
+        enc = self.model.expr_encoder
+        if enc.standardize and enc.n_pcs:
+            # the standardised input (n_pcs wide) is fixed: compute it once per slide
+            with torch.no_grad():
+                for g in graphs:
+                    x = g[S.SPOT][S.X]
+                    parts = []
+                    for a in range(0, x.shape[0], 65536):  # bounded memory on huge slides
+                        xa = (
+                            x[a : a + 65536]
+                            if not x.is_sparse
+                            else x.index_select(
+                                0, torch.arange(a, min(a + 65536, x.shape[0]))
+                            ).to_dense()
+                        )
+                        parts.append(enc.standardized(xa.to(self.device)).cpu())
+                    g[S.SPOT][S.Z] = torch.cat(parts)
         self.precision = cfg.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -371,7 +396,7 @@ class Trainer:
         g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + self.rank * 7_919 + step)
         tile = apply_masks(
             tile,
-            mask_ratio=o.mask_ratio if o.masked_expression > 0 else 0.0,
+            mask_ratio=o.mask_ratio if any(o[t] > 0 for t in MASKING_TERMS) else 0.0,
             anchor_fraction=o.contrastive_fraction if o.contrastive > 0 else 0.0,
             generator=g,
             cut_identity=self.model.fusion == "middle",

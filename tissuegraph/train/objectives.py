@@ -16,6 +16,18 @@
   decoder reconstructs it from the fused embedding (neighbours + image). MSE on the normalised
   (log1p) values the graph stores: raw counts are optional in the schema, and the same target
   is what image -> expression prediction reports.
+- ``local_global``: a DGI-style local-global contrast for spatial domains. The negative is the
+  same tile with its spots' expression shuffled (rows permuted, ``expresses`` edges moved
+  along, graph and image kept); the summary of spot ``i`` is the sigmoid of the mean
+  embedding of its spot-graph neighbours; a bilinear discriminator scores embedding against
+  summary, both ways (real embedding vs real summary, corrupted vs corrupted summary), with
+  binary cross-entropy over the tile's core spots.
+- ``masked_feature``: GraphMAE-style. Hidden spots enter with the mask token; their embeddings
+  are re-masked (set to zero) and a one-layer neighbour decoder reconstructs their
+  standardised input ``z`` (per-gene scaled, PCA basis when fitted), scored with the scaled
+  cosine error ``(1 - cos)^gamma``.
+- ``reconstruction``: MSE of the standardised input ``z`` of the visible core spots decoded
+  linearly from their embedding (keeps what the input had in the embedding).
 """
 
 from __future__ import annotations
@@ -31,7 +43,17 @@ from tissuegraph.graph import schema as S
 
 __all__ = ["TERMS", "info_nce", "apply_masks", "Objectives"]
 
-TERMS = ("contrastive", "patch_region", "localisation", "masked_expression")
+TERMS = (
+    "contrastive",
+    "patch_region",
+    "localisation",
+    "masked_expression",
+    "local_global",
+    "masked_feature",
+    "reconstruction",
+)
+EXPRESSION_TERMS = ("masked_expression", "local_global", "masked_feature", "reconstruction")
+MASKING_TERMS = ("masked_expression", "masked_feature")
 
 
 def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor, symmetric: bool = True) -> Tensor:
@@ -118,7 +140,7 @@ class Objectives(nn.Module):
         for t in TERMS:
             if self.weights[t] <= 0:
                 continue
-            if t != "masked_expression" and not has_img:
+            if t not in EXPRESSION_TERMS and not has_img:
                 continue
             if t in ("patch_region", "localisation") and m.n_scales < 2:
                 continue
@@ -128,12 +150,13 @@ class Objectives(nn.Module):
     def forward(self, tile: HeteroData) -> dict[str, Tensor]:
         m = self.model
         out = m(tile)
+        active = self.active()
         spot = tile[S.SPOT]
         losses: dict[str, Tensor] = {}
         cfg = self.cfg
         tmin = float(cfg.temperature_min)
         lmax = math.log(1.0 / tmin)
-        for term in self.active():
+        for term in active:
             if term == "contrastive":
                 a = spot["anchor"] if "anchor" in spot else spot["core"]
                 if int(a.sum()) < 2 or out["image"] is None:
@@ -179,6 +202,21 @@ class Objectives(nn.Module):
                     continue
                 pred = m.predict_expression(out["fused"][spot["x_mask"]]).float()
                 losses[term] = F.mse_loss(pred, spot["x_target"].float())
+            elif term == "local_global":
+                v = local_global_loss(m, tile, out)
+                if v is not None:
+                    losses[term] = v
+            elif term == "masked_feature":
+                v = masked_feature_loss(m, tile, out, float(cfg.mae_gamma))
+                if v is not None:
+                    losses[term] = v
+            elif term == "reconstruction":
+                keep = spot["core"]
+                if "x_mask" in spot:
+                    keep = keep & ~spot["x_mask"]
+                if bool(keep.any()):
+                    z = _standardized(m, spot, keep)
+                    losses[term] = F.mse_loss(m.recon_head(out["fused"][keep]).float(), z)
         dev = out["fused"].device
         total = torch.zeros((), device=dev)
         for t, v in losses.items():
@@ -187,3 +225,66 @@ class Objectives(nn.Module):
         losses["temperature"] = m.temperature(False, tmin).detach()
         # keep every parameter in the graph (DDP: tiles without a term still sync)
         return losses
+
+
+def _standardized(m: nn.Module, spot, rows: Tensor) -> Tensor:
+    """The standardised input ``z`` of the visible spots ``rows`` (precomputed when present)."""
+    if S.Z in spot:
+        return spot[S.Z][rows].float()
+    return m.expr_encoder.standardized(spot[S.X][rows])
+
+
+def _neighbour_mean(h: Tensor, edge_index: Tensor) -> Tensor:
+    src, dst = edge_index
+    agg = torch.zeros_like(h).index_add_(0, dst, h[src])
+    deg = torch.bincount(dst, minlength=h.shape[0]).clamp_min(1).to(h.dtype)
+    return agg / deg[:, None]
+
+
+def local_global_loss(m: nn.Module, tile: HeteroData, out: dict) -> Tensor | None:
+    """DGI-style contrast of each core spot's embedding with its neighbourhood summary.
+
+    ``s_i = sigmoid(mean_{j in N(i)} h_j)``; positives ``D(h_i, s_i)`` and ``D(h~_i, s~_i)``,
+    negatives ``D(h~_i, s_i)`` and ``D(h_i, s~_i)``, with ``h~`` the embeddings of the tile
+    whose expression rows are shuffled and ``D`` a bilinear discriminator.
+    """
+    if S.SPOT_NEAR_SPOT not in tile.edge_types:
+        return None
+    ei = tile[S.SPOT_NEAR_SPOT].edge_index
+    core = tile[S.SPOT]["core"]
+    n = core.shape[0]
+    if ei.shape[1] == 0 or n < 2:
+        return None
+    perm = torch.randperm(n).to(ei.device)  # the global CPU RNG: checkpointed, exact on resume
+    h = out["fused"].float()
+    h_neg = m(tile, perm=perm, enc=out["enc"])["fused"].float()
+    s_pos = torch.sigmoid(_neighbour_mean(h, ei))
+    s_neg = torch.sigmoid(_neighbour_mean(h_neg, ei))
+    d = m.discriminator
+    pos = torch.cat([d(h, s_pos), d(h_neg, s_neg)]).view(-1)
+    neg = torch.cat([d(h_neg, s_pos), d(h, s_neg)]).view(-1)
+    sel = torch.cat([core, core])
+    logits = torch.cat([pos[sel], neg[sel]]).float()
+    target = torch.cat([torch.ones_like(pos[sel]), torch.zeros_like(neg[sel])]).float()
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def masked_feature_loss(m: nn.Module, tile: HeteroData, out: dict, gamma: float) -> Tensor | None:
+    """GraphMAE-style scaled cosine error on the hidden spots' standardised input."""
+    spot = tile[S.SPOT]
+    if "x_mask" not in spot or not bool(spot["x_mask"].any()):
+        return None
+    mask = spot["x_mask"]
+    h = out["fused"].masked_fill(mask[:, None], 0.0)  # re-mask before decoding
+    ei = (
+        tile[S.SPOT_NEAR_SPOT].edge_index
+        if S.SPOT_NEAR_SPOT in tile.edge_types
+        else torch.zeros(2, 0, dtype=torch.long, device=h.device)
+    )
+    rec = m.feature_decoder(h, ei)[mask].float()
+    if S.Z in spot:
+        target = spot[S.Z][mask].float()
+    else:
+        target = m.expr_encoder.standardized(spot["x_target"]).float()
+    cos = F.cosine_similarity(rec, target, dim=-1)
+    return (1.0 - cos).clamp_min(0).pow(gamma).mean()

@@ -143,6 +143,8 @@ def extract_tile(
     if x.is_sparse:
         x = x.to_dense()
     out[S.SPOT][S.X] = x
+    if S.Z in st:
+        out[S.SPOT][S.Z] = st[S.Z].index_select(0, spots)
     out[S.SPOT]["n_id"] = spots
     core_mask = torch.zeros(index.n, dtype=torch.bool)
     core_mask[core] = True
@@ -225,9 +227,10 @@ class TileSampler:
     """Draws spatial tiles across slides; deterministic given ``seed``, epoch and rank.
 
     A fixed grid of windows per slide is split into held-out (``val_fraction``) and training
-    windows. Each epoch lays a randomly shifted grid over the training spots, shuffles the
-    windows of all slides, and gives rank ``r`` every ``world_size``-th one (all ranks get the
-    same number of tiles). The state (``epoch``, ``position``) is saved in checkpoints.
+    windows. Each epoch lays a randomly shifted grid over the training spots (a slide whose
+    training spots fit in ``batch_spots`` is one tile), shuffles the windows of all slides,
+    and gives rank ``r`` every ``world_size``-th one (all ranks get the same number of tiles).
+    The state (``epoch``, ``position``) is saved in checkpoints.
 
     Parameters
     ----------
@@ -286,6 +289,10 @@ class TileSampler:
             rng = np.random.default_rng([self.seed, epoch, s])
             off = rng.uniform(0, self.side[s], size=2)
             train = ~self.val_mask[s].numpy()
+            if int(train.sum()) <= self.batch_spots:
+                # the slide fits in one tile: train on all of it (no window cuts it apart)
+                tiles.append((s, np.flatnonzero(train)))
+                continue
             for w in grid_tiles(ix.pos, self.side[s], off, train):
                 if len(w) >= min_spots:
                     tiles.append((s, w))
