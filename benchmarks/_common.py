@@ -515,17 +515,19 @@ def build_graph_dir(
     slides: Sequence[Any],
     out_dir: str | os.PathLike,
     *,
-    n_top: int,
+    n_top: int | None,
     fit_slides: Sequence[str] | None = None,
     panel_mode: str = "hvg",
-    patches: bool = True,
+    patches: bool | None = True,
     overrides: Sequence[str] = (),
     force: bool = False,
+    config: str | os.PathLike | None = None,
 ) -> dict:
     """``tissuegraph.graph.pipeline.build_graphs`` on ``slides`` (``SlideSpec``s) into ``out_dir``.
 
-    The gene panel is chosen on ``fit_slides`` only (default: all ``slides``). Returns the
-    manifest.
+    ``config``: a build YAML whose options are used (its slides are replaced by ``slides``).
+    The gene panel is chosen on ``fit_slides`` only (default: all ``slides``); ``patches``
+    ``None`` keeps the config's choice. Returns the manifest.
     """
     from omegaconf import OmegaConf
 
@@ -533,13 +535,15 @@ def build_graph_dir(
     from tissuegraph.graph.config import BuildConfig
     from tissuegraph.graph.pipeline import build_graphs
 
-    cfg = load_config(BuildConfig, None, list(overrides))
+    cfg = load_config(BuildConfig, config, list(overrides))
     cfg.slides = [OmegaConf.structured(s) for s in slides]
     cfg.out_dir = str(out_dir)
     cfg.panel.mode = panel_mode
-    cfg.panel.n_top = int(n_top)
+    if n_top is not None:
+        cfg.panel.n_top = int(n_top)
     cfg.panel.fit_slides = list(fit_slides) if fit_slides is not None else None
-    cfg.patches.enabled = bool(patches)
+    if patches is not None:
+        cfg.patches.enabled = bool(patches)
     return build_graphs(cfg, force=force, progress=False)
 
 
@@ -571,15 +575,17 @@ def pretrain_checkpoint(
     graphs_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
     *,
-    steps: int,
+    steps: int | None,
     seed: int = 0,
     device: str = "cpu",
     overrides: Sequence[str] = (),
+    config: str | os.PathLike | None = None,
 ) -> Path:
-    """Pretrain on ``graphs_dir`` for ``steps`` steps; returns the checkpoint path.
+    """Pretrain on ``graphs_dir``; returns the checkpoint path.
 
-    The learning-rate warm-up is 10% of ``steps`` (at most the library's 100), so that short
-    benchmark runs leave warm-up; TensorBoard logging is off. ``overrides`` win over both.
+    ``config``: a pretrain YAML (the shipped recipe), used as it is when ``steps`` is
+    ``None``. With ``steps``, the run is that long and its learning-rate warm-up 10% of it (at
+    most 100 steps). TensorBoard logging is off. ``overrides`` win over all of these.
     """
     from tissuegraph.config import load_config
     from tissuegraph.train.config import PretrainConfig
@@ -588,14 +594,17 @@ def pretrain_checkpoint(
     base = [
         f"graphs={graphs_dir}",
         f"run_dir={run_dir}",
-        f"train.max_steps={int(steps)}",
         f"seed={int(seed)}",
         f"train.device={device}",
         "train.tensorboard=false",
-        # short benchmark runs: warm up over 10% of the steps (library default: 100 steps)
-        f"train.warmup_steps={max(1, min(100, int(steps) // 10))}",
     ]
-    cfg = load_config(PretrainConfig, None, base + list(overrides))
+    if steps is not None:
+        # short benchmark runs: warm up over 10% of the steps (library default: 100 steps)
+        base += [
+            f"train.max_steps={int(steps)}",
+            f"train.warmup_steps={max(1, min(100, int(steps) // 10))}",
+        ]
+    cfg = load_config(PretrainConfig, config, base + list(overrides))
     out = pretrain(cfg, resume=False, progress=False)
     ckpt = Path(out)
     if ckpt.is_dir():

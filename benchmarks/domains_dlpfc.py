@@ -1,7 +1,12 @@
 """Spatial domains on DLPFC: adjusted Rand index (ARI) against the manual cortical layers.
 
-Sections 151673 and 151674 (10x Visium, spatialLIBD), K = 7 domains (L1-L6, WM), ARI on the
-spots that carry a layer label, mean ± sd over seeds.
+Every DLPFC section found under ``$TISSUEGRAPH_DATA/dlpfc/`` (the 12 spatialLIBD sample names,
+or any folder with a ``layers.tsv``; 10x Visium), K = 7 domains (L1-L6, WM; K = the number of
+labels of a section when it has fewer), ARI on the spots that carry a layer label, mean ± sd
+over seeds.
+
+The tissuegraph arm is the shipped recipe: ``configs/build/dlpfc.yaml`` and
+``configs/pretrain/dlpfc.yaml`` (``--build-config`` / ``--pretrain-config`` to try others).
 
 Protocols
 ---------
@@ -19,7 +24,7 @@ Methods (all clustered by the same ``tissuegraph.tl.niches(method="gmm",
 covariance_type="tied")``, i.e. a Gaussian mixture with one shared covariance, R mclust's
 EEE, with ``n_init`` k-means starts)
 ---------------------------------------------------------------------------------------------
-``tissuegraph``   build_graphs -> pretrain -> tl.embed -> tl.niches
+``tissuegraph``   build_graphs -> pretrain -> tl.embed -> tl.niches (shipped configs)
 ``tissuegraph_agg`` the same embedding, concatenated with its means over the 1-, 2- and 3-hop
                   rings (``tl.aggregate_neighbors(use_rep="X_tissuegraph")``) -> tl.niches
 ``pca``           log1p-CP10k of the HVG panel, scaled, PCA
@@ -67,16 +72,18 @@ from _common import (  # noqa: E402
     write_results,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_CONFIG = ROOT / "configs" / "build" / "dlpfc.yaml"
+PRETRAIN_CONFIG = ROOT / "configs" / "pretrain" / "dlpfc.yaml"
 NAME = "domains_dlpfc"
 TITLE = "Spatial domains on DLPFC (ARI vs manual layers, K = 7)"
-SECTIONS = ("151673", "151674")
 METHODS = ("tissuegraph", "tissuegraph_agg", "pca", "aggregation")
 TG_METHODS = ("tissuegraph", "tissuegraph_agg")
 PROTOCOLS = ("per_section", "transfer")
 PEERS = {"STAGATE": "STAGATE_pyG", "GraphST": "GraphST", "CellCharter": "cellcharter"}
 TRUTH = "truth"
 
-FULL_STEPS = 2000
+FULL_SEEDS = 5
 TARGET_PER_SECTION = 0.65
 TARGET_TRANSFER = 0.55
 REFERENCE = (
@@ -99,9 +106,11 @@ class Settings:
     """Everything that changes the numbers (stored in the results JSON)."""
 
     k: int = 7
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 600
-    n_top: int = 2000
+    seeds: list[int] = field(default_factory=lambda: list(range(FULL_SEEDS)))
+    steps: int | None = None
+    n_top: int | None = None
+    build_config: str = str(BUILD_CONFIG)
+    pretrain_config: str = str(PRETRAIN_CONFIG)
     n_pcs: int = 30
     n_hops: int = 3
     n_init: int = 10
@@ -109,7 +118,7 @@ class Settings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     kind: str = "fused"
-    patches: bool = False
+    patches: bool | None = None
     device: str = "cpu"
     pretrain_overrides: list[str] = field(default_factory=list)
     build_overrides: list[str] = field(default_factory=list)
@@ -233,6 +242,12 @@ def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray
     return np.asarray(tmp.obs["bench_niche"].astype(str)), dropped
 
 
+def n_domains(truth, k_max: int) -> int:
+    """K: the section's number of distinct labels (5 on 151669-151672), at most ``k_max``."""
+    t = [str(v) for v in np.asarray(truth, dtype=object) if v is not None and v == v and v != ""]
+    return int(min(k_max, len(set(t)))) if t else int(k_max)
+
+
 def ari_labelled(pred: np.ndarray, truth) -> float:
     """ARI on the spots with a ground-truth label (NaN / None / '' dropped)."""
     from sklearn.metrics import adjusted_rand_score
@@ -277,6 +292,7 @@ def train_tissuegraph(
             fit_slides=[train.name],
             patches=s.patches,
             overrides=s.build_overrides,
+            config=s.build_config,
         )
     check_training_slides(graphs, [train.name], heldout)
     info = {"build": mb.as_dict(), "panel": list(manifest["genes"]), "pretrain": {}}
@@ -290,6 +306,7 @@ def train_tissuegraph(
                 seed=seed,
                 device=s.device,
                 overrides=s.pretrain_overrides,
+                config=s.pretrain_config,
             )
         check_checkpoint_slides(ckpt, [train.name], heldout)
         ckpts[seed] = ckpt
@@ -344,7 +361,7 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
             continue
         # --- fit on the training section only
         with measure(s.trace_python) as mp:
-            panel = choose_panel({train.name: train.adata}, s.n_top)
+            panel = choose_panel({train.name: train.adata}, panel_size(s))
             pca = PcaModel(s.n_pcs).fit(log_expression(train.adata, panel))
         ckpts, tg_info = {}, {}
         tg_methods = [m for m in TG_METHODS if m in s.methods]
@@ -368,7 +385,12 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
                     rec.update(
                         score_rep(
-                            rep, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                            rep,
+                            truth,
+                            k=n_domains(truth, s.k),
+                            seed=seed,
+                            n_init=s.n_init,
+                            restarts=s.restarts,
                         )
                     )
                     rec.update(
@@ -390,7 +412,12 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
                     rec.update(
                         score_rep(
-                            rep, truth, k=s.k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                            rep,
+                            truth,
+                            k=n_domains(truth, s.k),
+                            seed=seed,
+                            n_init=s.n_init,
+                            restarts=s.restarts,
                         )
                     )
                     pt = tg_info["pretrain"][seed]
@@ -409,6 +436,16 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     runs.append(rec)
                     _log(rec)
     return runs
+
+
+def panel_size(s: Settings) -> int:
+    """The HVG panel size: ``--n-top`` or the build config's ``panel.n_top``."""
+    if s.n_top is not None:
+        return int(s.n_top)
+    from tissuegraph.config import load_config
+    from tissuegraph.graph.config import BuildConfig
+
+    return int(load_config(BuildConfig, s.build_config).panel.n_top)
 
 
 def _log(rec: dict) -> None:
@@ -507,12 +544,18 @@ def peer_notes() -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, few steps, fewer restarts")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS))
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
     p.add_argument(
-        "--steps", type=int, default=None, help="pretraining steps (default 2000; quick 60)"
+        "--sections", nargs="+", default=None, help="default: every section found in the data"
     )
-    p.add_argument("--n-top", type=int, default=2000, help="HVG panel size")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; quick 1)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="pretraining steps (default: the config's)"
+    )
+    p.add_argument(
+        "--n-top", type=int, default=None, help="HVG panel size (default: the build config's)"
+    )
+    p.add_argument("--build-config", default=str(BUILD_CONFIG))
+    p.add_argument("--pretrain-config", default=str(PRETRAIN_CONFIG))
     p.add_argument("--n-pcs", type=int, default=30)
     p.add_argument("--n-init", type=int, default=None, help="GMM starts (default 10; quick 3)")
     p.add_argument("--restarts", type=int, default=None, help="single-start fits for the spread")
@@ -521,8 +564,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
     p.add_argument(
         "--patches",
-        action="store_true",
-        help="build the graphs with (lowres) image patches and train the image objectives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the graphs with (lowres) image patches (default: the build config's)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--pretrain-override", action="append", default=[], metavar="KEY=VALUE")
@@ -542,9 +586,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_from_args(a: argparse.Namespace) -> Settings:
     q = a.quick
     return Settings(
-        seeds=list(range(a.seeds if a.seeds is not None else (1 if q else 3))),
-        steps=a.steps if a.steps is not None else (60 if q else FULL_STEPS),
+        seeds=list(range(a.seeds if a.seeds is not None else (1 if q else FULL_SEEDS))),
+        steps=a.steps if a.steps is not None else (60 if q else None),
         n_top=a.n_top,
+        build_config=a.build_config,
+        pretrain_config=a.pretrain_config,
         n_pcs=a.n_pcs,
         n_init=a.n_init if a.n_init is not None else (3 if q else 10),
         restarts=a.restarts if a.restarts is not None else (2 if q else 5),
@@ -571,6 +617,13 @@ def main(argv=None) -> dict:
             *s.build_overrides,
         ]
     t0 = time.perf_counter()
+    from tissuegraph.datasets import dlpfc_sections
+
+    ensure_data_env()
+    found = dlpfc_sections()
+    a.sections = a.sections or found
+    if not a.sections:
+        raise SystemExit("no DLPFC section found under $TISSUEGRAPH_DATA/dlpfc")
     sections = [load_dlpfc(x) for x in a.sections]
     if "transfer" in s.protocols and len(sections) < 2:
         s.protocols = [p for p in s.protocols if p != "transfer"]
@@ -604,9 +657,13 @@ def main(argv=None) -> dict:
         extra=None
         if a.quick
         or (
-            s.steps >= FULL_STEPS
-            and len(s.seeds) >= 3
-            and set(a.sections) == set(SECTIONS)
+            s.steps is None
+            and not s.pretrain_overrides
+            and not s.build_overrides
+            and s.build_config == str(BUILD_CONFIG)
+            and s.pretrain_config == str(PRETRAIN_CONFIG)
+            and len(s.seeds) >= FULL_SEEDS
+            and set(a.sections) == set(found)
             and set(s.methods) == set(METHODS)
             and set(s.protocols) == set(PROTOCOLS)
         )

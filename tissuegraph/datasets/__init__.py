@@ -2,17 +2,19 @@
 
 - :func:`simulate_slide`: a Visium-like slide with niches, cell types, a gene regulatory
   program and an H&E-like image, with its ground truth (the embedded default demo slide).
-- :func:`data_dir`, :func:`dlpfc`, :func:`dlpfc_labels`, :func:`her2st`,
+- :func:`data_dir`, :func:`dlpfc`, :func:`dlpfc_labels`, :func:`dlpfc_sections`, :func:`her2st`,
   :func:`her2st_proportions`, :func:`priors_dir`: real public data resolved from
   ``$TISSUEGRAPH_DATA``.
 """
 
 from .real import (
     DLPFC_SAMPLES,
+    DLPFC_STANDARD,
     HER2ST_SECTIONS,
     data_dir,
     dlpfc,
     dlpfc_labels,
+    dlpfc_sections,
     her2st,
     her2st_proportions,
     priors_dir,
@@ -29,5 +31,7 @@ __all__ = [
     "her2st_proportions",
     "priors_dir",
     "DLPFC_SAMPLES",
+    "DLPFC_STANDARD",
+    "dlpfc_sections",
     "HER2ST_SECTIONS",
 ]

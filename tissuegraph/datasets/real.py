@@ -23,10 +23,12 @@ from ..errors import InputError
 
 __all__ = [
     "DLPFC_SAMPLES",
+    "DLPFC_STANDARD",
     "HER2ST_SECTIONS",
     "data_dir",
     "dlpfc",
     "dlpfc_labels",
+    "dlpfc_sections",
     "her2st",
     "her2st_proportions",
     "priors_dir",
@@ -34,6 +36,21 @@ __all__ = [
 
 #: spatialLIBD DLPFC sections (10x Visium) known to the data folder layout.
 DLPFC_SAMPLES: tuple[str, ...] = ("151673", "151674")
+#: The 12 sections of the spatialLIBD study (any of them found in the data folder is used).
+DLPFC_STANDARD: tuple[str, ...] = (
+    "151507",
+    "151508",
+    "151509",
+    "151510",
+    "151669",
+    "151670",
+    "151671",
+    "151672",
+    "151673",
+    "151674",
+    "151675",
+    "151676",
+)
 #: HER2+ breast cancer sections (legacy ST) known to the data folder layout.
 HER2ST_SECTIONS: tuple[str, ...] = ("B4", "C2", "C3", "C4", "C5")
 
@@ -78,12 +95,29 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def dlpfc_sections() -> list[str]:
+    """DLPFC sections present under ``$TISSUEGRAPH_DATA/dlpfc``: folders named like one of
+    :data:`DLPFC_STANDARD`, or any folder with a ``layers.tsv``; sorted by name."""
+    root = data_dir() / "dlpfc"
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and (p.name in DLPFC_STANDARD or (p / "layers.tsv").is_file())
+    )
+
+
 def _dlpfc_dir(sample: str) -> Path:
     sample = str(sample)
-    if sample not in DLPFC_SAMPLES:
-        known = ", ".join(DLPFC_SAMPLES)
-        raise InputError(f"unknown DLPFC sample {sample!r}: use one of {known}")
-    return _need(data_dir() / "dlpfc" / sample, f"DLPFC sample {sample}")
+    path = data_dir() / "dlpfc" / sample
+    if sample not in DLPFC_STANDARD and not (path / "layers.tsv").is_file():
+        found = ", ".join(dlpfc_sections()) or "none"
+        raise InputError(
+            f"unknown DLPFC sample {sample!r}: not a spatialLIBD section name and "
+            f"{path} has no layers.tsv (found: {found})"
+        )
+    return _need(path, f"DLPFC sample {sample}")
 
 
 def _her2st_dir(section: str) -> Path:
