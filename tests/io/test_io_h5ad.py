@@ -135,19 +135,51 @@ def test_normalised_h5ad_needs_to_be_declared(tmp_path, toy):
     assert read_slide(cfg).n_obs == toy.n_obs
 
 
-@pytest.mark.parametrize(("value", "kind"), [(np.nan, "NaN"), (-1.0, "negative")])
-def test_bad_values_refused_even_when_normalised(tmp_path, toy, value, kind):
+def test_what_x_holds_is_recorded_in_the_file(tmp_path, toy):
+    """An AnnData read with expression='normalized' and written back says so in the file, so
+    reading it again needs no argument; a build config must still declare it."""
+    p = tmp_path / "norm.h5ad"
+    write_h5ad(_normalised(toy), p)
+    a = read_h5ad(p, expression="normalized")
+    write_h5ad(a, tmp_path / "again.h5ad")
+    assert read_h5ad(tmp_path / "again.h5ad").uns["tissuegraph"]["expression"] == "normalized"
+    with pytest.raises(InputError, match="non-integer"):
+        read_h5ad(tmp_path / "again.h5ad", expression="raw")
+    with pytest.raises(InputError, match="non-integer"):
+        read_slide(SlideSpec(name="n", format="h5ad", path=str(tmp_path / "again.h5ad")))
+
+
+def _with_value(toy, value):
     a = _normalised(toy)
     X = a.X.toarray()
     X[2, 3] = value
     a.X = X
+    return a
+
+
+def test_nan_refused_even_when_normalised(tmp_path, toy):
+    a = _with_value(toy, np.nan)
     p = tmp_path / "bad.h5ad"
     write_h5ad(a, p)
-    with pytest.raises(InputError, match=f"bad.h5ad: 1 invalid value.*1 {kind}") as e:
+    with pytest.raises(InputError, match="bad.h5ad: 1 invalid value.*1 NaN") as e:
         read_h5ad(p, expression="normalized")
     assert f"spot {a.obs_names[2]!r}, gene {a.var_names[3]!r}" in str(e.value)
-    with pytest.raises(InputError, match=f"bad.h5ad: .* invalid value.*1 {kind}, .* non-integer"):
+    with pytest.raises(InputError, match="bad.h5ad: .* invalid value.*1 NaN, .* non-integer"):
         read_h5ad(p)
+
+
+def test_negative_values(tmp_path, toy):
+    """Normalised values may be negative (scaled, predicted) when read, but a graph is built
+    from non-negative expression only."""
+    a = _with_value(toy, -1.0)
+    p = tmp_path / "neg.h5ad"
+    write_h5ad(a, p)
+    assert read_h5ad(p, expression="normalized").n_obs == toy.n_obs
+    with pytest.raises(InputError, match="neg.h5ad: .*1 negative"):
+        read_h5ad(p)
+    spec = SlideSpec(name="n", format="h5ad", path=str(p), expression="normalized")
+    with pytest.raises(InputError, match=r"neg.h5ad: 1 invalid value\(s\) .*\(1 negative\)"):
+        read_slide(spec)
 
 
 def test_slide_columns_checked(tmp_path, toy):

@@ -97,13 +97,16 @@ def check_values(
     obs_names=None,
     var_names=None,
     expression: str = "raw",
+    allow_negative: bool | None = None,
     what: str = "counts",
 ) -> None:
     """Refuse a spots x genes matrix holding values no reader may pass on.
 
-    NaN, infinite and negative entries are always refused; with ``expression="raw"`` so are
-    non-integer entries (counts are integers). ``X`` is a scipy sparse matrix or a 2-D
-    array; only stored entries of a sparse matrix are looked at.
+    NaN and infinite entries are always refused. ``expression="raw"`` (counts) also refuses
+    negative and non-integer entries; ``"normalized"`` refuses negative entries only when
+    ``allow_negative`` is false (default: allowed, as in scaled or predicted values). ``X``
+    is a scipy sparse matrix or a 2-D array; only stored entries of a sparse matrix are
+    looked at.
 
     Raises
     ------
@@ -141,7 +144,10 @@ def check_values(
     if data.dtype.kind == "f":
         kinds.append(("NaN", np.isnan(data)))
         kinds.append(("infinite", np.isinf(data)))
-    kinds.append(("negative", data < 0))
+    if allow_negative is None:
+        allow_negative = expression != "raw"
+    if expression == "raw" or not allow_negative:
+        kinds.append(("negative", data < 0))
     if expression == "raw" and data.dtype.kind == "f":
         with np.errstate(invalid="ignore"):
             kinds.append(("non-integer", np.isfinite(data) & (data != np.round(data))))
@@ -159,6 +165,8 @@ def check_values(
         hint = "expected raw, non-negative integer counts"
         if [k for k, _ in found] == ["non-integer"]:
             hint += " (for normalised expression pass expression='normalized')"
+    elif allow_negative:
+        hint = "expected finite expression values"
     else:
         hint = "expected finite, non-negative expression values"
     raise InputError(

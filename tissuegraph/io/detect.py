@@ -64,11 +64,12 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def read_any(path: str | os.PathLike, *, expression: str = "raw", **kwargs):
+def read_any(path: str | os.PathLike, *, expression: str | None = None, **kwargs):
     """Read an ``.h5ad``, a Space Ranger output folder or a legacy ST folder (detected).
 
-    ``expression`` (``"raw"`` or ``"normalized"``) says what an ``.h5ad``'s ``X`` holds (see
-    :func:`~tissuegraph.io.read_h5ad`); Space Ranger and ST files always hold raw counts.
+    ``expression`` (``"raw"``, ``"normalized"`` or ``None``: as the file records) says what an
+    ``.h5ad``'s ``X`` holds (see :func:`~tissuegraph.io.read_h5ad`); Space Ranger and ST
+    files always hold raw counts.
     Other keyword arguments go to :func:`~tissuegraph.io.read_visium` or
     :func:`~tissuegraph.io.read_st`.
     """
@@ -79,7 +80,7 @@ def read_any(path: str | os.PathLike, *, expression: str = "raw", **kwargs):
     fmt = detect_format(path)
     if fmt == "h5ad":
         return read_h5ad(path, expression=expression)
-    if expression != "raw":
+    if expression not in (None, "raw"):
         raise ConfigError(
             f"expression={expression!r} applies to .h5ad input only; {path} is a {fmt} "
             "folder of raw counts"
@@ -97,7 +98,7 @@ def read_slide(spec):
     ``image``, or ``path`` of an ST folder), ``h5ad`` (``path``), ``synthetic`` (``n_spots``,
     ``seed``; calls :func:`tissuegraph.datasets.simulate_slide`).
     """
-    from tissuegraph.io._common import EXPRESSION
+    from tissuegraph.io._common import EXPRESSION, check_values
 
     fmt = str(getattr(spec, "format", "") or "").lower()
     name = getattr(spec, "name", "?")
@@ -147,7 +148,20 @@ def read_slide(spec):
     if fmt == "h5ad":
         from tissuegraph.io.h5ad import read_h5ad
 
-        return read_h5ad(need("path"), expression=expression)
+        # the config decides what X holds, never the file; a graph needs values >= 0
+        # (log-normalised, not scaled)
+        adata = read_h5ad(need("path"), expression=expression)
+        if expression == "normalized":
+            check_values(
+                adata.X,
+                source=spec.path,
+                obs_names=adata.obs_names,
+                var_names=adata.var_names,
+                expression="normalized",
+                allow_negative=False,
+                what="expression in X",
+            )
+        return adata
     from tissuegraph.datasets import simulate_slide
 
     return simulate_slide(n_spots=int(spec.n_spots), seed=int(spec.seed))

@@ -22,7 +22,7 @@ from tissuegraph.io._common import (
 __all__ = ["read_h5ad", "write_h5ad", "sanitize_uns"]
 
 
-def read_h5ad(path: str | os.PathLike, *, expression: str = "raw"):
+def read_h5ad(path: str | os.PathLike, *, expression: str | None = None):
     """Read an ``.h5ad`` file (scanpy / squidpy layout).
 
     Parameters
@@ -30,10 +30,12 @@ def read_h5ad(path: str | os.PathLike, *, expression: str = "raw"):
     path
         The ``.h5ad`` file.
     expression
-        What ``X`` holds: ``"raw"`` (default) integer counts, or ``"normalized"`` expression
-        (e.g. scanpy's log1p of library-size normalised counts), accepted only when asked
-        for. NaN, infinite and negative values are refused either way, and so are
-        non-integer values with ``"raw"``.
+        What ``X`` holds: ``"raw"`` integer counts, or ``"normalized"`` expression (e.g.
+        scanpy's log1p of library-size normalised counts, or predicted values), accepted only
+        when declared. ``None`` (default): what the file itself records in
+        ``uns["tissuegraph"]["expression"]`` (tissuegraph writes it for an AnnData read with
+        ``expression="normalized"`` and for predictions), else ``"raw"``. NaN and infinite
+        values are refused either way; with ``"raw"`` so are negative and non-integer values.
 
     Returns
     -------
@@ -43,7 +45,7 @@ def read_h5ad(path: str | os.PathLike, *, expression: str = "raw"):
     """
     import anndata as ad
 
-    if expression not in EXPRESSION:
+    if expression is not None and expression not in EXPRESSION:
         raise InputError(
             f"read_h5ad: expression={expression!r} is unknown: choose {' or '.join(EXPRESSION)}"
         )
@@ -56,8 +58,11 @@ def read_h5ad(path: str | os.PathLike, *, expression: str = "raw"):
         raise InputError(
             f"{path}: unreadable .h5ad ({one_line(exc)}); re-write it with anndata"
         ) from None
-    _check_layout(adata, path, expression)
     tg = adata.uns.get("tissuegraph")
+    if expression is None:
+        recorded = tg.get("expression") if isinstance(tg, dict) else None
+        expression = str(recorded) if recorded in EXPRESSION else "raw"
+    _check_layout(adata, path, expression)
     if isinstance(tg, dict):
         if "image_path" in tg and not tg["image_path"]:
             tg["image_path"] = None

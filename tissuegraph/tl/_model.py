@@ -105,15 +105,16 @@ def check_input_values(adata, info: dict, func: str) -> None:
     x = adata.X
     if x is None:
         raise InputError(f"{func}: adata.X is empty; store the slide's expression in X")
+    expected, why = _expected_expression(info)
     check_values(
         x,
         source=f"{func}: adata.X",
         obs_names=adata.obs_names,
         var_names=adata.var_names,
         expression="normalized",
+        allow_negative=expected != "raw",
         what="expression",
     )
-    expected, why = _expected_expression(info)
     data = np.asarray(x.data if sp.issparse(x) else x).ravel()
     data = data[data != 0]
     if expected is None or data.size == 0:
@@ -471,7 +472,7 @@ def predict_expression(
     -------
     AnnData spots x panel genes: ``X`` float32 predicted log-normalised expression,
     ``obs`` / ``obsm['spatial']`` / ``obsm['spatial_um']`` / ``uns['spatial']`` /
-    ``uns['tissuegraph']`` of the input, ``layers['measured']`` and
+    ``uns['tissuegraph']`` of the input (with ``expression="normalized"``: what ``X`` holds), ``layers['measured']`` and
     ``var['pearson_r']`` when measured expression exists, ``uns['tg_predict']``
     (``params``, ``checkpoint_hash``, ``missing_genes``, ``mean_pearson_r``).
     """
@@ -538,6 +539,8 @@ def predict_expression(
     for k in ("spatial", "tissuegraph"):
         if k in src.uns:
             out.uns[k] = src.uns[k]
+    # X holds predictions: written out, the file says so (read back as expression="normalized")
+    out.uns["tissuegraph"] = {**dict(out.uns.get("tissuegraph") or {}), "expression": "normalized"}
     extra = {}
     if has_measured:
         measured = _panel_lognorm(src, genes)
