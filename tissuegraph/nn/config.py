@@ -20,6 +20,9 @@ class ImageEncoderConfig:
     ``checkpoint_path`` loads a local state dict instead (classifier keys are ignored).
     ``freeze`` keeps the backbone fixed (eval mode, no gradients). ``input_px`` resizes the
     stored crops (e.g. 224 for a ViT trained at that size); ``null`` keeps them as stored.
+    ``channels_last``: run the backbone in ``torch.channels_last`` memory format (weights
+    and input batch); whether it is faster depends on the backbone and the device (measure
+    with ``benchmarks/pretrain_throughput.py --channels-last``); results agree up to rounding.
     Ignored when the graphs store ``feat`` (frozen features) instead of pixels: those go
     through a linear projection.
     """
@@ -29,6 +32,7 @@ class ImageEncoderConfig:
     checkpoint_path: str | None = None
     freeze: bool = False
     input_px: int | None = None
+    channels_last: bool = False
 
 
 @dataclass

@@ -208,6 +208,8 @@ class ImageEncoder(nn.Module):
         Keep the backbone fixed (no gradients, always in eval mode).
     input_px
         Resize crops to this side before the backbone (``None``: as stored).
+    channels_last
+        Keep the backbone's weights and convert each input batch to ``torch.channels_last``.
 
     Shapes: ``img`` uint8 ``[M, 3, S, S]``, ``scale`` int64 ``[M]`` -> ``[M, out_dim]``.
     """
@@ -222,11 +224,15 @@ class ImageEncoder(nn.Module):
         checkpoint_path: str | None = None,
         freeze: bool = False,
         input_px: int | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.backbone = create_backbone(
             name, pretrained=pretrained, checkpoint_path=checkpoint_path
         )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # Module.to(device) and load_state_dict keep the format
+            self.backbone.to(memory_format=torch.channels_last)
         cfg = getattr(self.backbone, "pretrained_cfg", {}) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))
@@ -255,6 +261,8 @@ class ImageEncoder(nn.Module):
             x = nn.functional.interpolate(
                 x, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False
             )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.freeze:
             with torch.no_grad():
                 return self.backbone(x)
