@@ -304,6 +304,7 @@ class TissueGraphModel(nn.Module):
                 checkpoint_path=ie["checkpoint_path"] if load_backbone_weights else None,
                 freeze=ie["freeze"],
                 input_px=ie["input_px"],
+                channels_last=bool(ie.get("channels_last", False)),
             )
         elif spec["patch_input"] == "feat":
             self.image_encoder = FeatureEncoder(spec["feat_dim"], d, self.n_scales)
