@@ -122,7 +122,7 @@ class Settings:
     device: str = "cpu"
     pretrain_overrides: list[str] = field(default_factory=list)
     build_overrides: list[str] = field(default_factory=list)
-    trace_python: bool = True
+    trace_python: bool = False
 
 
 # ----------------------------------------------------------------------------- data
@@ -578,7 +578,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch / BLAS threads")
     p.add_argument("--workdir", default=None, help="keep graphs and runs here (default: temp)")
-    p.add_argument("--no-tracemalloc", action="store_true", help="skip the Python-heap peak")
+    p.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="also record the Python-heap peak (tracemalloc slows pretraining several-fold, "
+        "so the times are then not comparable)",
+    )
     p.add_argument("--out", default=None, help="results JSON path")
     return p.parse_args(argv)
 
@@ -601,7 +606,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         device=a.device,
         pretrain_overrides=list(a.pretrain_override),
         build_overrides=list(a.build_override),
-        trace_python=not a.no_tracemalloc,
+        trace_python=a.tracemalloc,
     )
 
 

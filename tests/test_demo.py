@@ -11,11 +11,11 @@ from tissuegraph.demo import demo_ari, run_demo
 # The quick demo slide (1,000 spots, 5 niches, difficulty 0.5) is built so that expression
 # alone separates the niches only partly: cell-type mixtures overlap, one niche is a
 # "twin" of another that differs only in pathway activity and image texture, and borders
-# are blurred. A model-free baseline (PCA + first-ring mean + GMM) scores ARI ~0.68 on
-# it and chance is 0. After ~2 minutes of CPU pretraining the embedding is far from
-# converged, so the test asks for clearly non-random, spatially coherent niches rather
-# than the baseline's level.
-MIN_ARI = 0.3
+# are blurred. A model-free baseline (PCA + first-ring mean + GMM) scores ARI ~0.68 on it
+# and chance is 0. The quick demo (300 steps) reaches ~0.55; the full demo (2,000 spots, 400
+# steps) reaches the baseline. The test asks for clearly non-random, spatially coherent
+# niches, well above chance.
+MIN_ARI = 0.45
 
 
 def test_quick_demo(tmp_path):

@@ -17,8 +17,8 @@ from tissuegraph._utils import write_text_atomic
 
 #: settings of the full and the quick demo
 DEMO_SETTINGS = {
-    False: {"n_spots": 2000, "max_steps": 150, "crop_px": 16},
-    True: {"n_spots": 1000, "max_steps": 60, "crop_px": 16},
+    False: {"n_spots": 2000, "max_steps": 400, "crop_px": 16},
+    True: {"n_spots": 1000, "max_steps": 300, "crop_px": 16},
 }
 N_NICHES = 5
 BASELINE_HOPS = 1
@@ -65,6 +65,9 @@ def build_config(out_dir: Path, n_spots: int, seed: int, crop_px: int):
     cfg.spatial.rings = 1
     cfg.patches.sizes_um = [110.0, 330.0, 990.0]
     cfg.patches.crop_px = crop_px
+    # frozen image features stored at build time (random-init backbone offline): training
+    # then runs on features, not pixels
+    cfg.patches.encoder.name = "resnet10t"
     cfg.priors.expresses_top_k = 32
     return cfg
 
