@@ -165,3 +165,45 @@ def test_image_to_expression_fold_synthetic(tmp_path):
         assert np.isfinite(r["pearson"]) and -1 <= r["pearson"] <= 1
     cols, rows, targets = her.summarise(runs, s)
     assert len(rows) == len(methods) and len(targets) == 2
+
+
+def test_pretrain_throughput_small(tmp_path):
+    """Every configuration of the throughput benchmark (2 steps each, channels-last variant,
+    STAGATE not run) on a small simulated slide with an image; results file and targets."""
+    import pretrain_throughput as pt
+
+    from tissuegraph.datasets import simulate_slide
+    from tissuegraph.graph.config import SlideSpec
+    from tissuegraph.io import write_h5ad
+
+    adata = simulate_slide(150, image=True, n_genes=60, seed=3, library_id="S1")
+    write_h5ad(adata, tmp_path / "S1.h5ad")
+    spec = SlideSpec(name="S1", format="h5ad", path=str(tmp_path / "S1.h5ad"))
+    s = pt.Settings.quick_settings(
+        threads=1, n_top=40, recipe_steps=2, channels_last=True, gpu=False
+    )
+    runs, info = pt.run(spec, tmp_path / "work", s)
+    by = {r["config"]: r for r in runs}
+    assert set(by) == {"recipe", "frozen", "pixel", "pixel_channels_last", "gatv2_ae", "stagate"}
+    for name in ("recipe", "frozen", "pixel", "pixel_channels_last", "gatv2_ae"):
+        assert by[name]["status"] == "ok", by[name]
+        assert by[name]["spots_per_s"] > 0
+    assert by["stagate"]["status"].startswith("not run")
+    cols, rows, targets, notes = pt.summarise(runs, info, s)
+    assert len(rows) == len(runs) and len(targets) == 3
+    assert any("647" in n for n in notes) and any("GPU: not run" in n for n in notes)
+    out = _common.write_results(
+        tmp_path / "pretrain_throughput_quick.json",
+        benchmark=pt.NAME,
+        title=pt.TITLE,
+        quick=True,
+        params={},
+        runs=runs,
+        table=(cols, rows),
+        targets=targets,
+        notes=notes,
+        extra=info,
+    )
+    doc = json.loads(out.read_text())
+    assert doc["gpu"]["status"].startswith("GPU: not run")
+    assert pt.TITLE in report.render(tmp_path)
