@@ -115,3 +115,24 @@ def test_embedding_reuses_the_stored_statistics(std_graphs, tmp_path):
         enc.std_mean += 1.0
     z2 = embed_graph(model, other, batch_spots=400)
     assert not np.allclose(np.asarray(z1), np.asarray(z2), atol=1e-4)
+
+
+def test_genes_a_slide_lacks_enter_as_unknown(std_graphs, tmp_path):
+    """Panel genes missing from a new slide (stored as zero columns) get the training mean,
+    so their standardised value is 0, not the strong signal a zero count would give."""
+    from tissuegraph.train.infer import _fill_missing_genes
+
+    d, graphs = std_graphs
+    ckpt = pretrain(_cfg(d, tmp_path / "run", 2, local_global=1.0), progress=False)
+    model, _ = load_model(ckpt)
+    g = graphs[1].clone()
+    genes = list(g.meta["genes"])
+    g[S.SPOT][S.X][:, :3] = 0
+    g.meta = {**g.meta, "missing_genes": genes[:3]}
+    filled = _fill_missing_genes(model, g)
+    z = model.expr_encoder.standardized(filled[S.SPOT][S.X])
+    raw = (filled[S.SPOT][S.X].float() - model.expr_encoder.std_mean) / model.expr_encoder.std_sd
+    assert torch.allclose(raw[:, :3], torch.zeros_like(raw[:, :3]), atol=1e-2)
+    assert torch.equal(g[S.SPOT][S.X][:, :3], torch.zeros_like(g[S.SPOT][S.X][:, :3]))  # copy
+    assert z.shape == (g[S.SPOT][S.X].shape[0], 8)
+    assert np.allclose(embed_graph(model, filled), embed_graph(model, g), atol=1e-6)

@@ -35,7 +35,28 @@ def _prepare(model, data: HeteroData):
     m = getattr(model, "module", model)
     m = getattr(m, "_orig_mod", m)
     check_data_spec(m.data_spec, data_spec(data))
-    return m, SlideIndex(data)
+    return m, SlideIndex(_fill_missing_genes(m, data))
+
+
+def _fill_missing_genes(m, data: HeteroData) -> HeteroData:
+    """Panel genes the slide does not measure (``meta['missing_genes']``, stored as zero
+    columns) get the training mean, i.e. a standardised value of 0 ("unknown"), instead of a
+    zero count that the standardisation would turn into a strong, false signal."""
+    meta = getattr(data, "meta", None) or {}
+    missing, genes = meta.get("missing_genes") or [], meta.get("genes") or []
+    enc = m.expr_encoder
+    if not missing or not genes or not enc.standardize:
+        return data
+    pos = {g: i for i, g in enumerate(genes)}
+    idx = torch.tensor([pos[g] for g in missing if g in pos], dtype=torch.long)
+    if idx.numel() == 0:
+        return data
+    x = data[S.SPOT][S.X]
+    x = (x.to_dense() if x.is_sparse else x).clone()
+    x[:, idx] = enc.std_mean[idx].to(x.dtype).cpu()
+    out = data.clone()
+    out[S.SPOT][S.X] = x
+    return out
 
 
 @torch.no_grad()
