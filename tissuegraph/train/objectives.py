@@ -93,10 +93,10 @@ def apply_masks(
     anchor = torch.zeros(n, dtype=torch.bool, device=dev)
     x_mask[perm[:n_mask]] = True
     anchor[perm[n_mask : n_mask + n_anchor]] = True
-    x = spot[S.X].float()
-    spot["x_target"] = x[x_mask]
-    if n_mask:
-        x = x.clone()
+    x = spot[S.X]
+    spot["x_target"] = x[x_mask].float()
+    if n_mask:  # only then copy the (possibly wide, float16) expression
+        x = x.to(torch.float32, copy=True)
         x[x_mask] = 0.0
     spot[S.X] = x
     spot["x_mask"] = x_mask
