@@ -114,3 +114,26 @@ def set_torch_threads(requested: int = 0) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def lazy_attributes(module: str, lazy: dict[str, str], namespace: dict):
+    """A package's ``__getattr__``: the names in ``lazy`` (name -> defining module) are imported
+    on first use and cached in ``namespace`` (the package's ``globals()``); any other name is
+    tried as a submodule (``tissuegraph.nn.gnn`` after ``import tissuegraph.nn``)."""
+    import importlib
+
+    def __getattr__(name: str):
+        if name in lazy:
+            value = getattr(importlib.import_module(lazy[name]), name)
+            namespace[name] = value
+            return value
+        if name.startswith("__"):
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{module}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{module}.{name}":
+                raise
+            raise AttributeError(f"module {module!r} has no attribute {name!r}") from None
+
+    return __getattr__

@@ -6,8 +6,7 @@ layers are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-
+from tissuegraph._utils import lazy_attributes
 from tissuegraph.nn.config import ImageEncoderConfig, ModelConfig
 
 _LAZY = {
@@ -36,19 +35,7 @@ _LAZY = {
 __all__ = ["ImageEncoderConfig", "ModelConfig", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:  # a submodule, e.g. ``tissuegraph.nn.gnn`` after ``import tissuegraph.nn``
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

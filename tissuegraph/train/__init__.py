@@ -6,8 +6,7 @@ rest is imported on first use.
 
 from __future__ import annotations
 
-import importlib
-
+from tissuegraph._utils import lazy_attributes
 from tissuegraph.train.config import ObjectiveConfig, PretrainConfig, TrainConfig
 
 _LAZY = {
@@ -30,19 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name.startswith("__"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:  # a submodule, e.g. ``tissuegraph.train.loop`` after ``import tissuegraph.train``
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:
