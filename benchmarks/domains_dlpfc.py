@@ -372,6 +372,14 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
         for protocol, test in evals:
             base = {"protocol": protocol, "train": train.name, "test": test.name}
             truth = test.adata.obs[TRUTH].to_numpy()
+            k = n_domains(truth, s.k)
+
+            def scored(method, rep, seed, base=base, truth=truth, k=k) -> dict:
+                rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
+                return rec | score_rep(
+                    rep, truth, k=k, seed=seed, n_init=s.n_init, restarts=s.restarts
+                )
+
             with measure() as mtr:
                 z = pca.transform(log_expression(test.adata, panel))
             reps = {}
@@ -383,17 +391,7 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                 reps["aggregation"] = (za, mp.seconds + mtr.seconds + ma.seconds, mp)
             for method, (rep, fit_s, mem) in reps.items():
                 for seed in s.seeds:
-                    rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
-                    rec.update(
-                        score_rep(
-                            rep,
-                            truth,
-                            k=n_domains(truth, s.k),
-                            seed=seed,
-                            n_init=s.n_init,
-                            restarts=s.restarts,
-                        )
-                    )
+                    rec = scored(method, rep, seed)
                     rec.update(
                         train_s=fit_s, total_s=fit_s + rec["cluster_s"], **mem.as_dict("fit_")
                     )
@@ -410,17 +408,7 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     tg_reps["tissuegraph_agg"] = (emb_agg, ma.seconds)
                 for method in tg_methods:
                     rep, extra_s = tg_reps[method]
-                    rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
-                    rec.update(
-                        score_rep(
-                            rep,
-                            truth,
-                            k=n_domains(truth, s.k),
-                            seed=seed,
-                            n_init=s.n_init,
-                            restarts=s.restarts,
-                        )
-                    )
+                    rec = scored(method, rep, seed)
                     pt = tg_info["pretrain"][seed]
                     embed_s = me.seconds + extra_s
                     rec.update(
