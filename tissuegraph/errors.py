@@ -25,5 +25,9 @@ def require(module: str, extra: str | None = None, purpose: str = ""):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         what = f" for {purpose}" if purpose else ""
-        hint = f"pip install 'tissuegraph[{extra}]'" if extra else f"pip install {module}"
+        hint = (
+            f"pip install 'tissuegraph[{extra}]' (in a checkout: uv sync --extra {extra})"
+            if extra
+            else f"pip install {module}"
+        )
         raise MissingDependencyError(f"{module} is needed{what}: {hint}") from exc

@@ -14,6 +14,7 @@ from tissuegraph.io.priors import (
     read_pathways,
     read_tf_targets,
 )
+from tissuegraph.io.sdata import read_spatialdata, to_spatialdata
 from tissuegraph.io.st import read_st
 from tissuegraph.io.visium import read_10x_h5, read_10x_mtx, read_positions, read_visium
 
@@ -33,9 +34,11 @@ __all__ = [
     "read_pathways",
     "read_positions",
     "read_slide",
+    "read_spatialdata",
     "read_st",
     "read_tf_targets",
     "read_thumbnail",
     "read_visium",
+    "to_spatialdata",
     "write_h5ad",
 ]

@@ -22,7 +22,12 @@ def check_adata(adata, func: str) -> None:
     from anndata import AnnData
 
     if not isinstance(adata, AnnData):
-        raise InputError(f"{func}: expected an AnnData, got {type(adata).__name__}")
+        from tissuegraph.io.sdata import is_spatialdata
+
+        hint = ""
+        if is_spatialdata(adata):  # tl.embed, tl.niches and tl.predict_expression take one
+            hint = ": convert it with tissuegraph.io.read_spatialdata(sdata, table_key=...)"
+        raise InputError(f"{func}: expected an AnnData, got {type(adata).__name__}{hint}")
     if adata.n_obs == 0:
         raise InputError(f"{func}: the AnnData has no spots (n_obs == 0)")
 
