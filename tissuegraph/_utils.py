@@ -70,6 +70,15 @@ def progress_bar(*args, **kwargs):
     return tqdm(*args, **kwargs)
 
 
+def resolve_device(device=None):
+    """A ``torch.device``: ``"auto"`` (or ``None``) is CUDA when available, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask: what ``taskset``, cgroups or a SLURM
     allocation leave it), else the machine's count."""

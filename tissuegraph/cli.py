@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tissuegraph import __version__
-from tissuegraph.errors import TissueGraphError
+from tissuegraph.errors import TissueGraphError, one_line
 
 EPILOG = "Configs are OmegaConf YAML; any field can be overridden as key=value after --config."
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # unexpected: one line unless --debug
         if args.debug:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else ""
+        msg = one_line(exc, limit=None) if str(exc).strip() else ""
         print(
             f"tissuegraph: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
             file=sys.stderr,

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tissuegraph._utils import write_text_atomic
-from tissuegraph.errors import ConfigError
+from tissuegraph.errors import ConfigError, one_line
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
             try:
                 file_cfg = OmegaConf.load(p)
             except Exception as exc:
-                raise ConfigError(f"cannot parse config {p}: {exc}".splitlines()[0]) from exc
+                raise ConfigError(f"cannot parse config {p}: {one_line(exc, limit=None)}") from exc
             cfg = OmegaConf.merge(cfg, file_cfg)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
@@ -39,7 +39,7 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        msg = str(exc).splitlines()[0]
+        msg = one_line(exc, limit=None)
         where = f" (field {key!r})" if key else ""
         src = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{src}{where}: {msg}") from exc

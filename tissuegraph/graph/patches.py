@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tissuegraph.errors import ConfigError
+from tissuegraph.errors import ConfigError, one_line
 
 __all__ = [
     "PatchHierarchy",
@@ -161,14 +161,6 @@ def crop_patches(
     return out
 
 
-def _resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_encoder(spec):
     """A frozen timm model (``num_classes=0``) in eval mode, plus its mean/std."""
     from tissuegraph.errors import require
@@ -180,9 +172,9 @@ def load_encoder(spec):
     try:
         model = timm.create_model(spec.name, **kwargs)
     except Exception as exc:  # unknown name, missing weights offline, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
-            f"patches.encoder.name={spec.name!r}: cannot create the timm model ({msg}); "
+            f"patches.encoder.name={spec.name!r}: cannot create the timm model "
+            f"({one_line(exc, limit=None)}); "
             "use pretrained=false or a local checkpoint_path"
         ) from exc
     model.eval()
@@ -218,7 +210,9 @@ def encode_patches(
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))
         std = cfg.get("std", (0.229, 0.224, 0.225))
-    device = _resolve_device(spec.device)
+    from tissuegraph._utils import resolve_device
+
+    device = resolve_device(spec.device)
     model = model.to(device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from tissuegraph.errors import InputError
+from tissuegraph.errors import InputError, one_line  # noqa: F401 (one_line: re-exported)
 
 PLATFORMS = ("visium", "visium_hd", "st", "synthetic")
 #: What a matrix may hold: ``raw`` integer counts, or ``normalized`` expression (e.g. log1p).
@@ -54,20 +54,6 @@ def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
         seen.add(cand)
         out[i] = cand
     return pd.Index(out)
-
-
-def one_line(exc: BaseException, limit: int = 160) -> str:
-    """The first line of a third-party exception's message, or its type when empty.
-
-    Text longer than ``limit`` is cut at a word boundary and marked with an ellipsis, so a
-    message never ends mid-word.
-    """
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if len(text) > limit:
-        cut = text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
-        text = cut + " ..."
-    return text
 
 
 def sparse_index_problem(indptr, indices, n_major: int, n_minor: int) -> str | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tissuegraph.errors import InputError
+from tissuegraph.errors import InputError, one_line
 
 __all__ = [
     "SlideImage",
@@ -119,9 +119,9 @@ def _is_tiff(path: Path) -> bool:
 
 
 def _corrupt(path: Path, exc: BaseException) -> InputError:
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return InputError(
-        f"{path}: unreadable or corrupt image ({msg}); re-export it as TIFF, JPEG or PNG"
+        f"{path}: unreadable or corrupt image ({one_line(exc, limit=None)}); "
+        "re-export it as TIFF, JPEG or PNG"
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tissuegraph.errors import InputError
+from tissuegraph.errors import InputError, one_line
 from tissuegraph.io._common import as_path
 
 __all__ = [
@@ -57,8 +57,9 @@ def _read_table(path: Path, expected: str) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable table ({msg}); expected columns {expected}") from None
+        raise InputError(
+            f"{path}: unreadable table ({one_line(exc, limit=None)}); expected columns {expected}"
+        ) from None
     df.columns = [str(c).strip().strip('"').lower() for c in df.columns]
     return df
 

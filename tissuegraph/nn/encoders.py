@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tissuegraph.errors import ConfigError, InputError
+from tissuegraph.errors import ConfigError, InputError, one_line
 
 __all__ = [
     "ExpressionEncoder",
@@ -156,10 +156,9 @@ def create_backbone(
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0)
     except Exception as exc:  # network, hub cache or bad kwargs
-        msg = str(exc).strip().splitlines()
         raise InputError(
             f"cannot create timm model {name!r} (pretrained={pretrained}): "
-            f"{msg[0][:200] if msg else type(exc).__name__}; without network set "
+            f"{one_line(exc, limit=200)}; without network set "
             "model.image_encoder.pretrained=false or give a local checkpoint_path"
         ) from exc
     if checkpoint_path:
@@ -170,7 +169,7 @@ def create_backbone(
             state = timm.models.load_state_dict(str(p), use_ema=True, weights_only=True)
         except Exception as exc:
             raise InputError(
-                f"cannot read image encoder weights {p}: {str(exc).splitlines()[0][:200]}"
+                f"cannot read image encoder weights {p}: {one_line(exc, limit=200)}"
             ) from exc
         clf = model.pretrained_cfg.get("classifier") or "fc"
         clf = [clf] if isinstance(clf, str) else list(clf)

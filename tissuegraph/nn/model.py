@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
 from tissuegraph._utils import atomic_path
-from tissuegraph.errors import ConfigError, InputError
+from tissuegraph.errors import ConfigError, InputError, one_line
 from tissuegraph.graph import schema as S
 from tissuegraph.nn.config import FUSIONS, ModelConfig
 from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
@@ -33,6 +33,7 @@ __all__ = [
     "build_model",
     "list_models",
     "model_config",
+    "unwrap",
     "data_spec",
     "check_data_spec",
     "merge_data_specs",
@@ -72,7 +73,7 @@ def resolve_model_config(cfg: Any) -> dict:
     try:
         merged = OmegaConf.merge(base, cfg if cfg is not None else {})
     except Exception as exc:
-        raise ConfigError(f"invalid model config: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"invalid model config: {one_line(exc, limit=None)}") from exc
     return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
 
@@ -103,10 +104,15 @@ def build_model(
     return _REGISTRY[name](c, dict(data_spec), load_backbone_weights=load_backbone_weights)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel and / or ``torch.compile`` wrapper."""
+    m = getattr(model, "module", model)
+    return getattr(m, "_orig_mod", m)
+
+
 def model_config(model: nn.Module) -> dict:
     """``{"name", "cfg", "data_spec"}``: everything needed to rebuild ``model``."""
-    m = getattr(model, "module", model)  # DDP / compiled wrappers
-    m = getattr(m, "_orig_mod", m)
+    m = unwrap(model)
     return {"name": m.registry_name, "cfg": dict(m.cfg), "data_spec": dict(m.data_spec)}
 
 
@@ -532,8 +538,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``{"model_config", "state_dict"}`` (atomically); :func:`load_model` rebuilds it."""
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
+    m = unwrap(model)
     obj = {"model_config": model_config(m), "state_dict": m.state_dict()}
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -9,14 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tissuegraph.graph import schema as S
+from tissuegraph.nn.model import unwrap
 from tissuegraph.train.objectives import Objectives, apply_masks
 
 __all__ = ["evaluate", "localisation_accuracy", "retrieval_top1"]
-
-
-def _model_of(m):
-    m = getattr(m, "module", m)
-    return getattr(m, "_orig_mod", m)
 
 
 @torch.no_grad()
@@ -82,7 +78,7 @@ def evaluate(model, sampler, obj_cfg, device, *, max_tiles: int = 32, autocast=N
     ``val_localisation_acc_k`` (children at scale ``k`` only), ``val_retrieval_top1`` and
     ``val_retrieval_chance``.
     """
-    m = _model_of(model)
+    m = unwrap(model)
     was = m.training
     m.eval()
     ctx = autocast or contextlib.nullcontext

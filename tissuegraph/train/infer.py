@@ -8,20 +8,15 @@ import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
+from tissuegraph._utils import resolve_device
 from tissuegraph.graph import schema as S
-from tissuegraph.nn.model import check_data_spec, data_spec
+from tissuegraph.nn.model import check_data_spec, data_spec, unwrap
 from tissuegraph.train.objectives import apply_masks
 from tissuegraph.train.sampler import SlideIndex, _tile_side, grid_tiles
 
 __all__ = ["embed_graph", "predict_graph"]
 
 KINDS = ("fused", "expression", "image")
-
-
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _tiles(index: SlideIndex, batch_spots: int):
@@ -32,8 +27,7 @@ def _tiles(index: SlideIndex, batch_spots: int):
 
 
 def _prepare(model, data: HeteroData):
-    m = getattr(model, "module", model)
-    m = getattr(m, "_orig_mod", m)
+    m = unwrap(model)
     check_data_spec(m.data_spec, data_spec(data))
     return m, SlideIndex(_fill_missing_genes(m, data))
 
@@ -91,7 +85,7 @@ def embed_graph(
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
     m, index = _prepare(model, data)
-    dev = _device(device)
+    dev = resolve_device(device)
     m.to(dev).eval()
     out = np.zeros((index.n, m.dim), np.float32)
     from tissuegraph.train.sampler import extract_tile
@@ -140,7 +134,7 @@ def predict_graph(
     from tissuegraph.train.sampler import extract_tile
 
     m, index = _prepare(model, data)
-    dev = _device(device)
+    dev = resolve_device(device)
     m.to(dev).eval()
     out = np.zeros((index.n, m.n_genes), np.float32)
     n_groups = max(1, math.ceil(1.0 / max(mask_ratio, 1e-6)))
