@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,6 @@ __all__ = [
     "ROOT",
     "Measurement",
     "Target",
-    "call_with_supported",
     "command_line",
     "data_dir",
     "fmt_mean_sd",
@@ -323,26 +322,6 @@ def measure(trace_python: bool = False) -> Iterator[Measurement]:
                 tracemalloc.stop()
 
 
-def call_with_supported(fn: Callable, *args, **kwargs):
-    """Call ``fn`` with the keyword arguments it accepts; returns ``(result, dropped)``.
-
-    Lets a benchmark pass optional settings (``covariance_type``, ``n_init``, a seed) to
-    library functions whose signatures differ between versions, and record which ones were
-    not supported instead of failing.
-    """
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return fn(*args, **kwargs), []
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **kwargs), []
-    keep = {k: v for k, v in kwargs.items() if k in params}
-    dropped = sorted(set(kwargs) - set(keep))
-    return fn(*args, **keep), dropped
-
-
 # ----------------------------------------------------------------------------- statistics
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0 for one value) of finite values."""
@@ -483,6 +462,26 @@ def write_results(
     return path
 
 
+def finish(
+    path: str | os.PathLike,
+    *,
+    title: str,
+    runs: list[dict[str, Any]],
+    table: tuple[Sequence[str], Sequence[Sequence[Any]]],
+    targets: Sequence[Target] = (),
+    notes: Sequence[str] = (),
+    **write_kw,
+) -> dict[str, Any]:
+    """The end of a benchmark's ``main``: :func:`write_results`, :func:`print_summary`, the
+    path printed; returns ``{"path", "runs", "targets"}``."""
+    out = write_results(
+        path, title=title, runs=runs, table=table, targets=targets, notes=notes, **write_kw
+    )
+    print_summary(title, table[0], table[1], targets, notes)
+    print(f"\nwrote {out}")
+    return {"path": out, "runs": runs, "targets": targets}
+
+
 def print_summary(title: str, columns, rows, targets: Sequence[Target] = (), notes=()) -> None:
     """Print the summary table, the targets and the notes to stdout."""
     print(f"\n## {title}\n")
@@ -610,20 +609,3 @@ def pretrain_checkpoint(
     if ckpt.is_dir():
         ckpt = ckpt / "checkpoints" / "last.pt"
     return ckpt
-
-
-def tl_function(name: str):
-    """``tissuegraph.tl.<name>``, also when it is not (yet) re-exported by ``tissuegraph.tl``."""
-    import importlib
-    import pkgutil
-
-    import tissuegraph.tl as tl
-
-    fn = getattr(tl, name, None)
-    if fn is not None:
-        return fn
-    for mod in pkgutil.iter_modules(tl.__path__):
-        m = importlib.import_module(f"tissuegraph.tl.{mod.name}")
-        if callable(getattr(m, name, None)):
-            return getattr(m, name)
-    raise AttributeError(f"tissuegraph.tl has no function {name!r}")

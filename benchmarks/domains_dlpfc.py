@@ -58,18 +58,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     Target,
     build_graph_dir,
-    call_with_supported,
     check_training_slides,
     ensure_data_env,
+    finish,
     fmt_mean_sd,
     mean_sd,
     measure,
     pretrain_checkpoint,
-    print_summary,
     results_path,
     set_threads,
-    tl_function,
-    write_results,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,26 +208,26 @@ def aggregate(adata, rep: np.ndarray, n_hops: int) -> np.ndarray:
     """``[rep, mean over hop ring 1, ..., ring n_hops]`` on the section's spot grid."""
     from anndata import AnnData
 
+    from tissuegraph import tl
+
     tmp = AnnData(obs=adata.obs[[]].copy(), obsm={k: adata.obsm[k] for k in adata.obsm})
     tmp.uns["tissuegraph"] = adata.uns.get("tissuegraph", {})
     tmp.obsm["X_bench_rep"] = rep
-    tl_function("spatial_neighbors")(tmp, method="grid")
-    tl_function("aggregate_neighbors")(
-        tmp, n_hops=n_hops, use_rep="X_bench_rep", key_added="X_bench_agg"
-    )
+    tl.spatial_neighbors(tmp, method="grid")
+    tl.aggregate_neighbors(tmp, n_hops=n_hops, use_rep="X_bench_rep", key_added="X_bench_agg")
     return np.asarray(tmp.obsm["X_bench_agg"])
 
 
 # ----------------------------------------------------------------------------- clustering / score
-def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray, list[str]]:
-    """``tl.niches(method="gmm", covariance_type="tied")`` on ``rep``; returns labels and the
-    options ``tl.niches`` did not accept (recorded in the results)."""
+def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """``tl.niches(method="gmm", covariance_type="tied")`` on ``rep``; returns the labels."""
     from anndata import AnnData
+
+    from tissuegraph import tl
 
     tmp = AnnData(obs={"i": np.arange(rep.shape[0])})
     tmp.obsm["X_bench"] = np.asarray(rep, dtype=np.float32)
-    _, dropped = call_with_supported(
-        tl_function("niches"),
+    tl.niches(
         tmp,
         n_niches=k,
         method="gmm",
@@ -240,7 +237,7 @@ def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> tuple[np.ndarray
         n_init=n_init,
         random_state=seed,
     )
-    return np.asarray(tmp.obs["bench_niche"].astype(str)), dropped
+    return np.asarray(tmp.obs["bench_niche"].astype(str))
 
 
 def n_domains(truth, k_max: int) -> int:
@@ -262,10 +259,10 @@ def score_rep(rep, truth, *, k, seed, n_init, restarts) -> dict:
     """Cluster ``rep`` with ``n_init`` starts (the reported ARI) and, to show the spread, with
     ``restarts`` single starts."""
     with measure() as mc:
-        labels, dropped = cluster(rep, k, seed, n_init)
-    out = {"ari": ari_labelled(labels, truth), "cluster_s": mc.seconds, "dropped_options": dropped}
+        labels = cluster(rep, k, seed, n_init)
+    out = {"ari": ari_labelled(labels, truth), "cluster_s": mc.seconds}
     singles = [
-        ari_labelled(cluster(rep, k, 1000 * seed + r + 1, 1)[0], truth) for r in range(restarts)
+        ari_labelled(cluster(rep, k, 1000 * seed + r + 1, 1), truth) for r in range(restarts)
     ]
     if singles:
         out.update(
@@ -330,9 +327,10 @@ def check_checkpoint_slides(ckpt: Path, train: Sequence[str], heldout: Sequence[
 
 def embed_tissuegraph(section: Section, ckpt: Path, s: Settings) -> np.ndarray:
     """``tl.embed`` of the section with a checkpoint (graph built with its panel)."""
+    from tissuegraph import tl
+
     adata = section.adata.copy()
-    call_with_supported(
-        tl_function("embed"),
+    tl.embed(
         adata,
         str(ckpt),
         kind=s.kind,
@@ -639,10 +637,7 @@ def main(argv=None) -> dict:
         "ARI on labelled spots only; all in-tissue spots are clustered. Memory: peak RSS of the "
         "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines)."
     )
-    dropped = sorted({d for r in runs for d in r.get("dropped_options", [])})
-    if dropped:
-        notes.append(f"tl.niches did not accept {dropped}: library defaults were used")
-    path = write_results(
+    return finish(
         results_path(NAME, a.quick, a.out),
         benchmark=NAME,
         title=TITLE,
@@ -667,9 +662,6 @@ def main(argv=None) -> dict:
         targets=targets,
         notes=notes,
     )
-    print_summary(TITLE, cols, rows, targets, notes)
-    print(f"\nwrote {path}")
-    return {"path": path, "runs": runs, "targets": targets}
 
 
 if __name__ == "__main__":

@@ -54,15 +54,13 @@ from _common import (  # noqa: E402
     build_graph_dir,
     check_training_slides,
     ensure_data_env,
+    finish,
     fmt_mean_sd,
     mean_sd,
     measure,
     pretrain_checkpoint,
-    print_summary,
     results_path,
     set_threads,
-    tl_function,
-    write_results,
 )
 from domains_dlpfc import check_checkpoint_slides, log_expression  # noqa: E402
 
@@ -312,8 +310,10 @@ def predict_tissuegraph(
     section: Section, ckpt: Path, genes: Sequence[str], device: str
 ) -> np.ndarray:
     """``tl.predict_expression`` on the held-out section with its expression removed."""
+    from tissuegraph import tl
+
     adata = image_only(section.adata)
-    pred = tl_function("predict_expression")(adata, str(ckpt), device=device, use_expression=False)
+    pred = tl.predict_expression(adata, str(ckpt), device=device, use_expression=False)
     return np.asarray(_dense(pred[:, _order(pred.var_names, genes)].X))
 
 
@@ -595,7 +595,7 @@ def main(argv=None) -> dict:
         "genes and all probe statistics (scaling, PCA, ridge penalty) fitted on the training "
         "sections only; the held-out section's counts are zeroed before tissuegraph predicts",
     ]
-    path = write_results(
+    return finish(
         results_path(NAME, a.quick, a.out),
         benchmark=NAME,
         title=TITLE,
@@ -609,9 +609,6 @@ def main(argv=None) -> dict:
         targets=targets,
         notes=notes,
     )
-    print_summary(TITLE, cols, rows, targets, notes)
-    print(f"\nwrote {path}")
-    return {"path": path, "runs": runs, "targets": targets}
 
 
 if __name__ == "__main__":

@@ -28,14 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     Target,
-    call_with_supported,
     ensure_data_env,
+    finish,
     measure,
-    print_summary,
     results_path,
     set_threads,
-    tl_function,
-    write_results,
 )
 
 NAME = "niche_enrichment"
@@ -55,7 +52,9 @@ def _prepare(adata, labels, name: str):
     adata = adata[ok].copy()
     lab = lab[ok].astype(str)
     adata.obs[LABEL] = pd.Categorical(lab.to_numpy(), categories=sorted(lab.unique()))
-    tl_function("spatial_neighbors")(adata, method="grid")
+    from tissuegraph import tl
+
+    tl.spatial_neighbors(adata, method="grid")
     adata.uns["bench_case"] = name
     return adata
 
@@ -93,10 +92,10 @@ def case_synthetic(n_spots: int, seed: int = 0):
 # ----------------------------------------------------------------------------- runners
 def run_tissuegraph(adata, n_perms: int, seed: int, method: str | None = None) -> np.ndarray:
     """``tl.nhood_enrichment``; ``method=None`` is the library default (what users get)."""
+    from tissuegraph import tl
+
     kw = {} if method is None else {"method": method}
-    call_with_supported(
-        tl_function("nhood_enrichment"), adata, cluster_key=LABEL, n_perms=n_perms, seed=seed, **kw
-    )
+    tl.nhood_enrichment(adata, cluster_key=LABEL, n_perms=n_perms, seed=seed, **kw)
     return np.asarray(adata.uns[f"{LABEL}_nhood_enrichment"]["zscore"], dtype=float)
 
 
@@ -293,7 +292,7 @@ def main(argv=None) -> dict:
         "on the 283-spot HER2ST section both take milliseconds: the ratio there measures fixed "
         "per-call overhead (input checks), not the counting",
     ]
-    path = write_results(
+    return finish(
         results_path(NAME, a.quick, a.out),
         benchmark=NAME,
         title=TITLE,
@@ -312,9 +311,6 @@ def main(argv=None) -> dict:
         targets=targets,
         notes=notes,
     )
-    print_summary(TITLE, cols, rows, targets, notes)
-    print(f"\nwrote {path}")
-    return {"path": path, "runs": runs, "targets": targets}
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ from _common import (  # noqa: E402
     Target,
     _maxrss_mb,
     build_graph_dir,
+    finish,
     loglog_slope,
     measure,
     pretrain_checkpoint,
-    print_summary,
     results_path,
     set_threads,
-    write_results,
 )
 
 NAME = "scale"
@@ -297,7 +296,7 @@ def main(argv=None) -> dict | None:
     for st, sl in slopes.items():
         if sl["time"] is not None and sl["time"] > SLOPE_LINEAR_MAX:
             notes.append(f"{st}: time grows faster than linear (slope {sl['time']:.2f})")
-    path = write_results(
+    return finish(
         results_path(NAME, a.quick, a.out),
         benchmark=NAME,
         title=TITLE,
@@ -317,9 +316,6 @@ def main(argv=None) -> dict | None:
         notes=notes,
         extra={"slopes": slopes},
     )
-    print_summary(TITLE, cols, rows, targets, notes)
-    print(f"\nwrote {path}")
-    return {"path": path, "runs": runs, "targets": targets}
 
 
 if __name__ == "__main__":
