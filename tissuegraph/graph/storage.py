@@ -38,10 +38,14 @@ torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
 def save_graph(data: HeteroData, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` (``.pt``) atomically; returns the path."""
+    """Write ``data`` to ``path`` (``.pt``) atomically; returns the path.
+
+    The same graph always gives the same bytes (the archive is written through a file
+    object, so its inner folder name does not depend on the temporary file's name)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # temp files are created 0600
