@@ -30,6 +30,7 @@ ORDER = (
     "scale",
     "build_graphs",
     "pretrain_throughput",
+    "corpus",
 )
 OUT_NAME = "README_tables.md"
 #: parameters shown under each table (when the results file has them)

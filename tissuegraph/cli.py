@@ -56,10 +56,44 @@ def _build_graphs(args) -> int:
     cfg = load_config(BuildConfig, args.config, args.overrides)
     if args.n_jobs is not None:
         cfg.n_jobs = args.n_jobs
-    from tissuegraph.graph.pipeline import build_graphs  # torch: only once the config is valid
+    # torch: only once the config is valid
+    from tissuegraph.graph.pipeline import build_graphs, merge_shards, parse_shard
 
-    build_graphs(cfg, force=args.force, progress=not args.quiet)
+    if args.merge:
+        if args.shard:
+            raise TissueGraphError("--merge and --shard exclude each other: merge after all shards")
+        merge_shards(cfg.out_dir, progress=not args.quiet)
+        return 0
+    shard, launcher = None, None
+    if args.shard:
+        shard = parse_shard(args.shard)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one shard per process
+        shard = parse_shard(f"{os.environ.get('RANK', '0')}/{os.environ['WORLD_SIZE']}")
+        launcher = "torchrun"
+    if shard is None:
+        build_graphs(cfg, force=args.force, progress=not args.quiet)
+        return 0
+    try:
+        build_graphs(cfg, force=args.force, progress=not args.quiet, shard=shard)
+    finally:
+        if launcher:  # every process waits for the others (also when its shard failed)
+            _barrier()
+    if launcher and shard[0] == 0:  # merge refuses a shard that failed, naming its file
+        merge_shards(cfg.out_dir, progress=not args.quiet)
     return 0
+
+
+def _barrier() -> None:
+    """Wait for all torchrun processes (a gloo process group, left once all arrived)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _inspect(args) -> int:
@@ -175,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.add_argument("--force", action="store_true", help="rebuild slides that are up to date")
     p.add_argument("--n-jobs", type=int, default=None, help="slides built in parallel")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="INDEX/COUNT",
+        help="build every COUNT-th slide from INDEX (0-based; e.g. a SLURM array: "
+        "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) and write a shard manifest; under "
+        "torchrun RANK/WORLD_SIZE are the shard and rank 0 merges",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the shard manifests of out_dir into manifest.json",
+    )
     p.set_defaults(func=_build_graphs)
 
     p = sub.add_parser(

@@ -20,7 +20,7 @@ from torch_geometric.data import HeteroData
 
 from tissuegraph import __version__
 from tissuegraph._logging import logger
-from tissuegraph._utils import file_hash, stable_hash
+from tissuegraph._utils import file_hash, stable_hash, write_json_atomic
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.config import BuildConfig, SlideSpec
@@ -55,6 +55,10 @@ __all__ = [
     "select_panel",
     "as_build_config",
     "slide_config_hash",
+    "merge_shards",
+    "parse_shard",
+    "panel_hash",
+    "shard_slides",
 ]
 
 PANEL_MODES = ("hvg", "list", "all")
@@ -577,6 +581,8 @@ def _build_and_save(task: dict, adata=None) -> dict:
         "gene_ids": data.meta["gene_ids"],
         "patch_sizes_um": data.meta["patch_sizes_um"],
         "platform": data.meta["platform"],
+        "panel_hash": task["panel_hash"],
+        "data_spec": S.data_spec(data),
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -612,7 +618,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- build all
-def build_graphs(cfg, *, force: bool = False, progress: bool = True) -> dict:
+def build_graphs(
+    cfg, *, force: bool = False, progress: bool = True, shard: tuple[int, int] | None = None
+) -> dict:
     """Build one graph per slide of ``cfg`` into ``cfg.out_dir``.
 
     Parameters
@@ -623,13 +631,21 @@ def build_graphs(cfg, *, force: bool = False, progress: bool = True) -> dict:
         Rebuild slides whose graph is up to date.
     progress
         Show a progress bar over slides.
+    shard
+        ``(index, count)``: build only the slides ``i`` with ``i % count == index`` and write
+        ``<out_dir>/manifest.shard-INDEX-of-COUNT.json`` instead of ``manifest.json``; every
+        shard chooses the same panel from the fit slides. :func:`merge_shards` then writes
+        ``manifest.json`` (and fits the standardisation statistics), identical to an
+        unsharded build's.
 
     Returns
     -------
     The manifest (also written to ``<out_dir>/manifest.json``), with ``schema_version``,
-    ``tissuegraph_version``, ``versions``, ``config_hash``, ``build_config``, ``genes``,
-    ``gene_ids``, ``pathways`` and ``slides`` (one entry per built slide: ``name``,
-    ``file``, ``n_spots``, ``config_hash``, ``node_counts``, ``edge_counts``,
+    ``tissuegraph_version``, ``versions``, ``config_hash``, ``panel_hash``,
+    ``build_config``, ``genes``, ``gene_ids``, ``pathways`` and ``slides`` (one entry per
+    built slide: ``name``, ``file``, ``n_spots``, ``config_hash``, ``panel_hash``,
+    ``data_spec`` (panel size, patch input and feature dims, edge types: what the trainer
+    checks without opening the graph), ``node_counts``, ``edge_counts``,
     ``prior_coverage``).
 
     A slide that fails is reported by name on stderr and leaves no file; the other slides
@@ -639,15 +655,20 @@ def build_graphs(cfg, *, force: bool = False, progress: bool = True) -> dict:
     validate_config(cfg)
     if not cfg.slides:
         raise ConfigError("slides: the config lists no slide")
+    if shard is not None:
+        shard = _check_shard(*shard)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = _plain(cfg)
     specs = {s["name"]: s for s in plain["slides"]}
     names = list(specs)
-    try:
-        old = read_manifest(out_dir)
-    except InputError:
-        old = None
+    old = None
+    for where in ([shard_manifest_path(out_dir, *shard)] if shard else []) + [out_dir]:
+        try:
+            old = read_manifest(where)
+            break
+        except InputError:
+            pass
     failures: dict[str, str] = {}
 
     # priors: read once, hashed by content
@@ -692,6 +713,7 @@ def build_graphs(cfg, *, force: bool = False, progress: bool = True) -> dict:
             pool,
             force,
             progress,
+            shard,
         )
     finally:
         if pool is not None:
@@ -717,6 +739,7 @@ def _build_all(
     pool,
     force,
     progress,
+    shard=None,
 ) -> dict:
     adatas: dict = {}
     if old and old.get("panel_key") == panel_key and old.get("genes") and not force:
@@ -755,6 +778,8 @@ def _build_all(
             )
         genes = select_panel(adatas, cfg)
     pe = prior_edges(genes, tables, min_pathway_genes=int(cfg.priors.min_pathway_genes))
+    phash = panel_hash(genes, pe.pathways)
+    mine = set(shard_slides(names, *shard)) if shard else set(names)
     config_hash = stable_hash(
         {
             "options": _graph_options(cfg),
@@ -768,7 +793,7 @@ def _build_all(
     tasks, entries = [], {}
     old_entries = {e["name"]: e for e in (old or {}).get("slides", [])}
     for i, n in enumerate(names):
-        if n in failures:
+        if n in failures or n not in mine:
             continue
         h = slide_config_hash(
             cfg,
@@ -779,7 +804,13 @@ def _build_all(
         )
         path = out_dir / f"{n}{S.GRAPH_SUFFIX}"
         prev = old_entries.get(n)
-        if not force and prev and prev.get("config_hash") == h and path.is_file():
+        if (
+            not force
+            and prev
+            and prev.get("config_hash") == h
+            and prev.get("data_spec")
+            and path.is_file()
+        ):
             entries[n] = prev
             continue
         tasks.append(
@@ -791,21 +822,23 @@ def _build_all(
                 "priors": pe,
                 "out_path": str(path),
                 "config_hash": h,
+                "panel_hash": phash,
             }
         )
 
-    def manifest() -> dict:
+    def manifest(complete: bool = False) -> dict:
         slides = [entries[n] for n in names if n in entries]
         gene_ids = next((e.get("gene_ids") for e in slides if e.get("gene_ids")), None)
         if gene_ids is None and old and old.get("genes") == list(genes):
             gene_ids = old.get("gene_ids")
         gene_ids = gene_ids or list(genes)
-        return {
+        out = {
             "schema_version": S.SCHEMA_VERSION,
             "tissuegraph_version": __version__,
             "versions": _versions(),
             "config_hash": config_hash,
             "panel_key": panel_key,
+            "panel_hash": phash,
             "build_config": plain,
             "genes": list(genes),
             "gene_ids": list(gene_ids),
@@ -817,23 +850,21 @@ def _build_all(
             "standardize": std["stats"],
             "standardize_key": std["key"],
         }
+        if shard:
+            out["shard"] = {"index": shard[0], "count": shard[1], "complete": complete}
+        return out
+
+    def write(m: dict) -> None:
+        if shard:
+            write_json_atomic(shard_manifest_path(out_dir, *shard), m)
+        else:
+            write_manifest(out_dir, m)
 
     # standardisation statistics: fitted on the fit slides' graphs once they are built
-    nc = plain["normalize"]
-    std_names = [n for n in (plain["panel"]["fit_slides"] or names) if n in specs]
-
-    def std_key() -> str | None:
-        if not nc.get("scale", True):
-            return None
-        hashes = [(entries.get(n) or {}).get("config_hash") for n in std_names]
-        if None in hashes:
-            return None
-        return stable_hash({"slides": hashes, "n_pcs": nc.get("n_pcs"), "clip": nc.get("clip")})
-
+    # (a sharded build leaves them to merge_shards, which sees every slide)
     std = {"stats": None, "key": None}
-    if old and old.get("standardize") and old.get("standardize_key") == std_key() and std_key():
-        std.update(stats=old["standardize"], key=old["standardize_key"])
-
+    if not shard:
+        std = _reuse_standardization(old, plain, entries, names)
     bar = None
     if progress and tasks:
         from tissuegraph._utils import progress_bar
@@ -847,7 +878,7 @@ def _build_all(
             logger.warning("tissuegraph: slide %r failed: %s", name, failures[name])
         else:
             entries[name] = result
-            write_manifest(out_dir, manifest())
+            write(manifest())
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(name)
@@ -881,40 +912,187 @@ def _build_all(
         if bar is not None:
             bar.close()
 
-    key = std_key()
-    if key is not None and std["key"] != key:
-        from tissuegraph.graph.standardize import fit_standardization
-        from tissuegraph.graph.storage import load_graph
-
-        xs = [load_graph(out_dir / entries[n]["file"])[S.SPOT][S.X] for n in std_names]
-        std["stats"] = fit_standardization(
-            xs,
-            n_pcs=int(nc.get("n_pcs") or 0),
-            clip=float(nc.get("clip", 10.0)),
-            seed=int(plain.get("seed", 0)),
-            names=std_names,
-        )
-        std["key"] = key
-    m = manifest()
-    if entries or old is not None:  # a build that made nothing leaves no file behind
-        write_manifest(out_dir, m)  # both only when their content changed
+    if not shard:
+        std = _fit_standardization(out_dir, plain, entries, names, std)
+    m = manifest(complete=True)
+    if entries or old is not None or shard:  # a build that made nothing leaves no file behind
+        write(m)  # both only when their content changed
         write_resolved_config(out_dir, cfg)
     if progress:
         n_built = sum(1 for t in tasks if t["spec"]["name"] in entries)
         n_skip = len(entries) - n_built
         logger.info(
-            "build-graphs: %d built, %d up to date, %d failed -> %s",
+            "build-graphs%s: %d built, %d up to date, %d failed -> %s",
+            f" (shard {shard[0]}/{shard[1]})" if shard else "",
             n_built,
             n_skip,
             len(failures),
             out_dir,
         )
+    _raise_failures(failures, len(mine), out_dir if entries else None)
+    return m
+
+
+def _raise_failures(failures: dict, n_slides: int, written: Path | None) -> None:
     if failures:
         first = next(iter(failures))
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        written = f"; the others were written to {out_dir}" if entries else ""
+        where = f"; the others were written to {written}" if written else ""
         raise TissueGraphError(
-            f"{len(failures)} of {len(names)} slide(s) failed: {first}: {failures[first]}"
-            f"{more}{written}"
+            f"{len(failures)} of {n_slides} slide(s) failed: {first}: {failures[first]}"
+            f"{more}{where}"
         )
-    return m
+
+
+def _std_key(plain: dict, entries: dict, names: list[str]) -> str | None:
+    nc = plain["normalize"]
+    if not nc.get("scale", True):
+        return None
+    std_names = [n for n in (plain["panel"]["fit_slides"] or names) if n in names]
+    hashes = [(entries.get(n) or {}).get("config_hash") for n in std_names]
+    if None in hashes:
+        return None
+    return stable_hash({"slides": hashes, "n_pcs": nc.get("n_pcs"), "clip": nc.get("clip")})
+
+
+def _reuse_standardization(old: dict | None, plain: dict, entries: dict, names) -> dict:
+    """The old manifest's statistics when their key still matches (else none yet)."""
+    key = _std_key(plain, entries, names)
+    if old and old.get("standardize") and key and old.get("standardize_key") == key:
+        return {"stats": old["standardize"], "key": key}
+    return {"stats": None, "key": None}
+
+
+def _fit_standardization(out_dir: Path, plain: dict, entries: dict, names, std: dict) -> dict:
+    """Fit the standardisation statistics on the fit slides' graphs (when they changed)."""
+    key = _std_key(plain, entries, names)
+    if key is None or std.get("key") == key:
+        return std
+    from tissuegraph.graph.standardize import fit_standardization
+    from tissuegraph.graph.storage import load_graph
+
+    nc = plain["normalize"]
+    std_names = [n for n in (plain["panel"]["fit_slides"] or names) if n in names]
+    xs = [load_graph(out_dir / entries[n]["file"])[S.SPOT][S.X] for n in std_names]
+    stats = fit_standardization(
+        xs,
+        n_pcs=int(nc.get("n_pcs") or 0),
+        clip=float(nc.get("clip", 10.0)),
+        seed=int(plain.get("seed", 0)),
+        names=std_names,
+    )
+    return {"stats": stats, "key": key}
+
+
+# ----------------------------------------------------------------------------- shards
+SHARD_GLOB = "manifest.shard-*-of-*.json"
+
+
+def panel_hash(genes: list[str], pathways: list[str]) -> str:
+    """Hash of a build's panel (genes and pathway nodes, in order)."""
+    return stable_hash({"genes": [str(g) for g in genes], "pathways": [str(p) for p in pathways]})
+
+
+def _check_shard(index: int, count: int) -> tuple[int, int]:
+    index, count = int(index), int(count)
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {index}/{count}: need 0 <= INDEX < COUNT (e.g. --shard 0/4)")
+    return index, count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"INDEX/COUNT"`` -> ``(index, count)`` (as SLURM's ``$SLURM_ARRAY_TASK_ID`` /
+    ``$SLURM_ARRAY_TASK_COUNT``, 0-based)."""
+    try:
+        a, b = str(text).split("/")
+        return _check_shard(int(a), int(b))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected INDEX/COUNT, e.g. --shard 0/4") from None
+
+
+def shard_slides(names: list[str], index: int, count: int) -> list[str]:
+    """The slides of shard ``index`` of ``count``: every ``count``-th slide of the config."""
+    return [n for i, n in enumerate(names) if i % count == index]
+
+
+def shard_manifest_path(out_dir, index: int, count: int) -> Path:
+    return Path(out_dir) / f"manifest.shard-{index:05d}-of-{count:05d}.json"
+
+
+def merge_shards(out_dir, *, progress: bool = False) -> dict:
+    """Merge the shard manifests of ``out_dir`` into ``manifest.json``.
+
+    Every shard ``0 .. COUNT-1`` must be present and complete and have the same panel
+    (``panel_hash``) and configuration (``config_hash``); the standardisation statistics are
+    fitted here, on the fit slides' graphs, exactly as an unsharded build does. Raises
+    :class:`~tissuegraph.errors.InputError` naming the offending shard file.
+    """
+    out_dir = Path(out_dir)
+    files = sorted(out_dir.glob(SHARD_GLOB))
+    if not files:
+        raise InputError(f"{out_dir}: no {SHARD_GLOB}: run build-graphs --shard INDEX/COUNT first")
+    shards = [(f, read_manifest(f)) for f in files]
+    f0, m0 = shards[0]
+    count = int((m0.get("shard") or {}).get("count", 0))
+    by_index: dict[int, tuple[Path, dict]] = {}
+    for f, m in shards:
+        sh = m.get("shard") or {}
+        if int(sh.get("count", -1)) != count:
+            raise InputError(
+                f"{f}: shard of a {sh.get('count')}-shard build but {f0.name} is of a "
+                f"{count}-shard build: remove the stale shard files"
+            )
+        if not sh.get("complete"):
+            raise InputError(f"{f}: shard {sh.get('index')} did not finish: run it again")
+        if m.get("panel_hash") != m0.get("panel_hash"):
+            raise InputError(
+                f"{f}: gene panel (panel_hash {m.get('panel_hash')}) differs from {f0.name}'s "
+                f"({m0.get('panel_hash')}): rebuild all shards with the same config"
+            )
+        if m.get("config_hash") != m0.get("config_hash"):
+            raise InputError(
+                f"{f}: built with a different config (config_hash {m.get('config_hash')}) "
+                f"than {f0.name} ({m0.get('config_hash')}): rebuild all shards with one config"
+            )
+        by_index[int(sh["index"])] = (f, m)
+    missing = [i for i in range(count) if i not in by_index]
+    if missing:
+        raise InputError(
+            f"{out_dir}: shard {missing[0]} of {count} is missing "
+            f"({shard_manifest_path(out_dir, missing[0], count).name}): run it"
+        )
+    plain = m0["build_config"]
+    names = [s["name"] for s in plain["slides"]]
+    entries: dict = {}
+    failures: dict = {}
+    for _f, m in by_index.values():
+        for e in m.get("slides", []):
+            entries[e["name"]] = e
+        failures.update(m.get("failed") or {})
+    for e in entries.values():
+        if e.get("panel_hash") != m0.get("panel_hash"):
+            raise InputError(
+                f"{out_dir / e['file']}: built with another gene panel (panel_hash "
+                f"{e.get('panel_hash')}) than the shards ({m0.get('panel_hash')}): rebuild it"
+            )
+    try:
+        old = read_manifest(out_dir)
+    except InputError:
+        old = None
+    std = _reuse_standardization(old, plain, entries, names)
+    std = _fit_standardization(out_dir, plain, entries, names, std)
+    merged = {k: v for k, v in m0.items() if k != "shard"}
+    merged["slides"] = [entries[n] for n in names if n in entries]
+    merged["failed"] = {n: failures[n] for n in names if n in failures}
+    merged["standardize"] = std["stats"]
+    merged["standardize_key"] = std["key"]
+    write_manifest(out_dir, merged)
+    if progress:
+        logger.info(
+            "build-graphs --merge: %d shards, %d slides -> %s",
+            count,
+            len(merged["slides"]),
+            out_dir / S.MANIFEST,
+        )
+    _raise_failures(merged["failed"], len(names), out_dir if entries else None)
+    return merged

@@ -42,6 +42,8 @@ order), ``genes`` (panel symbols), ``gene_ids``, ``pathways``, ``patch_sizes_um`
 
 from __future__ import annotations
 
+from tissuegraph.errors import InputError
+
 SCHEMA_VERSION = 1
 
 # node types
@@ -127,3 +129,47 @@ GRAPH_SUFFIX = ".pt"
 def patch_types(data) -> list[str]:
     """Patch node types present in ``data`` (a ``HeteroData``), finest first."""
     return sorted((t for t in data.node_types if is_patch(t)), key=patch_level)
+
+
+def data_spec(data) -> dict:
+    """What a graph (or tile) provides to the model: panel size, patch input, edge types.
+
+    Returns a JSON-serialisable dict: ``schema_version``, ``n_genes``, ``n_pathways``,
+    ``n_scales``, ``patch_input`` (``"img"``, ``"feat"`` or ``None``), ``crop_px``,
+    ``feat_dim``, ``edge_types`` (sorted ``[src, rel, dst]`` lists).
+    """
+    if SPOT not in data.node_types or X not in data[SPOT]:
+        raise InputError(
+            "graph has no spot nodes with expression 'x' (see tissuegraph.graph.schema)"
+        )
+    meta = getattr(data, "meta", None) or {}
+    patches = patch_types(data)
+    patch_input, crop_px, feat_dim = None, 0, 0
+    if patches:
+        p0 = data[patches[0]]
+        if IMG in p0:
+            patch_input, crop_px = "img", int(p0[IMG].shape[-1])
+        elif FEAT in p0:
+            patch_input, feat_dim = "feat", int(p0[FEAT].shape[-1])
+        else:
+            raise InputError(f"{patches[0]} nodes have neither 'img' nor 'feat'")
+    n_pw = _num_nodes(data, PATHWAY)
+    return {
+        "schema_version": int(meta.get("schema_version", SCHEMA_VERSION)),
+        "n_genes": int(data[SPOT][X].shape[1]),
+        "n_pathways": int(n_pw or 0),
+        "n_scales": len(patches),
+        "patch_input": patch_input,
+        "crop_px": crop_px,
+        "feat_dim": feat_dim,
+        "edge_types": sorted([list(et) for et in data.edge_types]),
+    }
+
+
+def _num_nodes(data, node_type: str) -> int:
+    if node_type not in data.node_types:
+        return 0
+    store = data[node_type]
+    if INDEX in store:
+        return int(store[INDEX].shape[0])
+    return int(store.num_nodes or 0)

@@ -38,10 +38,14 @@ torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
 def save_graph(data: HeteroData, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` (``.pt``) atomically; returns the path."""
+    """Write ``data`` to ``path`` (``.pt``) atomically; returns the path.
+
+    The same graph always gives the same bytes (the archive is written through a file
+    object, so its inner folder name does not depend on the temporary file's name)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(data, fh)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # temp files are created 0600
@@ -67,10 +71,12 @@ def _refusal(path: Path, exc: BaseException) -> str:
     return f"the safe loader could not read it ({type(exc).__name__})"
 
 
-def safe_load(path: str | os.PathLike, what: str, *, map_location="cpu"):
+def safe_load(path: str | os.PathLike, what: str, *, map_location="cpu", mmap: bool = False):
     """``torch.load(path, weights_only=True)``, failing with a one-line :class:`InputError`
     ``"<path>: not a tissuegraph <what>: <reason>"`` whose reason is ours, never a cut
-    third-party message. ``what`` names the kind of file (``graph file``, ``checkpoint``)."""
+    third-party message. ``what`` names the kind of file (``graph file``, ``checkpoint``).
+    ``mmap``: map the tensors' storage from the file instead of reading it (pages are read
+    when touched); a file in the legacy (non-zip) format is read whole instead."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} not found: {path}")
@@ -78,18 +84,21 @@ def safe_load(path: str | os.PathLike, what: str, *, map_location="cpu"):
         # (re-)register globally: the ``safe_globals`` context manager would remove the
         # classes again on exit, also for a plain ``torch.load`` elsewhere
         torch.serialization.add_safe_globals(SAFE_GLOBALS)
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise InputError(f"{path}: not a tissuegraph {what}: {_refusal(path, exc)}") from exc
 
 
-def load_graph(path: str | os.PathLike, *, map_location="cpu") -> HeteroData:
-    """Read a graph written by :func:`save_graph` with ``torch.load(weights_only=True)``.
+def load_graph(path: str | os.PathLike, *, map_location="cpu", mmap: bool = False) -> HeteroData:
+    """Read a graph written by :func:`save_graph` with ``torch.load(weights_only=True)``
+    (``mmap``: memory-mapped, see :func:`safe_load`).
 
     Raises :class:`~tissuegraph.errors.InputError` for a missing file or a file that holds
     anything but a ``HeteroData`` (e.g. a pickle that would run code).
     """
-    data = safe_load(path, "graph file", map_location=map_location)
+    data = safe_load(path, "graph file", map_location=map_location, mmap=mmap)
     if not isinstance(data, HeteroData):
         raise InputError(
             f"{path}: not a tissuegraph graph file: it holds a {type(data).__name__}, "

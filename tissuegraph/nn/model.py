@@ -17,6 +17,7 @@ from torch_geometric.data import HeteroData
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import ConfigError, InputError, one_line
 from tissuegraph.graph import schema as S
+from tissuegraph.graph.schema import data_spec
 from tissuegraph.nn.config import FUSIONS, ModelConfig
 from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
 from tissuegraph.nn.gnn import EdgeType, HeteroGNN
@@ -117,50 +118,6 @@ def model_config(model: nn.Module) -> dict:
 
 
 # ----------------------------------------------------------------------------- data spec
-def data_spec(data: HeteroData) -> dict:
-    """What a graph (or tile) provides to the model: panel size, patch input, edge types.
-
-    Returns a JSON-serialisable dict: ``schema_version``, ``n_genes``, ``n_pathways``,
-    ``n_scales``, ``patch_input`` (``"img"``, ``"feat"`` or ``None``), ``crop_px``,
-    ``feat_dim``, ``edge_types`` (sorted ``[src, rel, dst]`` lists).
-    """
-    if S.SPOT not in data.node_types or S.X not in data[S.SPOT]:
-        raise InputError(
-            "graph has no spot nodes with expression 'x' (see tissuegraph.graph.schema)"
-        )
-    meta = getattr(data, "meta", None) or {}
-    patches = S.patch_types(data)
-    patch_input, crop_px, feat_dim = None, 0, 0
-    if patches:
-        p0 = data[patches[0]]
-        if S.IMG in p0:
-            patch_input, crop_px = "img", int(p0[S.IMG].shape[-1])
-        elif S.FEAT in p0:
-            patch_input, feat_dim = "feat", int(p0[S.FEAT].shape[-1])
-        else:
-            raise InputError(f"{patches[0]} nodes have neither 'img' nor 'feat'")
-    n_pw = _num_nodes(data, S.PATHWAY)
-    return {
-        "schema_version": int(meta.get("schema_version", S.SCHEMA_VERSION)),
-        "n_genes": int(data[S.SPOT][S.X].shape[1]),
-        "n_pathways": int(n_pw or 0),
-        "n_scales": len(patches),
-        "patch_input": patch_input,
-        "crop_px": crop_px,
-        "feat_dim": feat_dim,
-        "edge_types": sorted([list(et) for et in data.edge_types]),
-    }
-
-
-def _num_nodes(data: HeteroData, node_type: str) -> int:
-    if node_type not in data.node_types:
-        return 0
-    store = data[node_type]
-    if S.INDEX in store:
-        return int(store[S.INDEX].shape[0])
-    return int(store.num_nodes or 0)
-
-
 def merge_data_specs(specs: list[dict], names: list[str] | None = None) -> dict:
     """One spec for several slides: panel and patch input must agree; edge types are joined."""
     names = names or [str(i) for i in range(len(specs))]

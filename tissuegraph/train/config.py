@@ -55,7 +55,11 @@ class TrainConfig:
     minutes have passed since the last checkpoint (0: off). ``val_fraction``: fraction of each
     slide's tiles held out. ``max_eval_tiles``: held-out tiles used per evaluation.
     ``threads``: torch intra-op threads per process; 0 (auto) shares the CPUs of the affinity
-    mask among the local ranks (``LOCAL_WORLD_SIZE``).
+    mask among the local ranks (``LOCAL_WORLD_SIZE``). ``max_cached_slides``: a graph folder
+    of more slides than this is read on demand (memory-mapped, at most this many slides open
+    per process, the tiles of that many slides shuffled together, and under DDP each rank
+    reading only its own share of the slides); a smaller folder is loaded whole at start
+    (0: always load whole). Resuming needs the same value.
     """
 
     max_steps: int = 1000
@@ -74,6 +78,7 @@ class TrainConfig:
     keep_step_checkpoints: bool = False
     ckpt_every_min: float = 10.0
     threads: int = 0
+    max_cached_slides: int = 64
     num_workers: int = 0
     val_fraction: float = 0.1
     max_eval_tiles: int = 32

@@ -44,7 +44,14 @@ from tissuegraph.train.evaluate import evaluate
 from tissuegraph.train.objectives import MASKING_TERMS, TERMS, Objectives, apply_masks
 from tissuegraph.train.sampler import SlideIndex, TileSampler
 
-__all__ = ["pretrain", "Trainer", "TrainingInterrupted", "load_graph_dir", "resolve_device"]
+__all__ = [
+    "pretrain",
+    "Trainer",
+    "TrainingInterrupted",
+    "load_graph_dir",
+    "read_graph_manifest",
+    "resolve_device",
+]
 
 CKPT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -132,9 +139,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-def load_graph_dir(path: str | os.PathLike) -> tuple[dict, list, list[str]]:
-    """The manifest, the graphs and slide names of a ``build-graphs`` output folder."""
-    from tissuegraph.graph.storage import load_graph, read_manifest
+def read_graph_manifest(path: str | os.PathLike) -> dict:
+    """The checked manifest of a ``build-graphs`` output folder (no graph is opened)."""
+    from tissuegraph.graph.storage import read_manifest
 
     p = Path(path)
     if not p.is_dir():
@@ -148,11 +155,19 @@ def load_graph_dir(path: str | os.PathLike) -> tuple[dict, list, list[str]]:
             f"{p / S.MANIFEST}: schema_version {sv} but this tissuegraph reads "
             f"{S.SCHEMA_VERSION}: rebuild the graphs with this version"
         )
-    slides = manifest.get("slides") or []
-    if not slides:
+    if not manifest.get("slides"):
         raise InputError(f"{p / S.MANIFEST} lists no slides")
+    return manifest
+
+
+def load_graph_dir(path: str | os.PathLike) -> tuple[dict, list, list[str]]:
+    """The manifest, the graphs and slide names of a ``build-graphs`` output folder."""
+    from tissuegraph.graph.storage import load_graph
+
+    p = Path(path)
+    manifest = read_graph_manifest(p)
     graphs, names = [], []
-    for s in slides:
+    for s in manifest["slides"]:
         g = load_graph(p / s["file"])
         if S.SPOT not in g.node_types or S.X not in g[S.SPOT] or S.POS not in g[S.SPOT]:
             raise InputError(
@@ -188,6 +203,8 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("train.ckpt_every_min must be >= 0 (0: no time-based checkpoints)")
     if t.batch_spots < 2:
         raise ConfigError("train.batch_spots must be >= 2")
+    if t.max_cached_slides < 0:
+        raise ConfigError("train.max_cached_slides must be >= 0 (0: all slides in memory)")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
     if not 0.0 <= t.val_fraction < 1.0:
@@ -253,9 +270,22 @@ class Trainer:
         self.threads = set_torch_threads(cfg.train.threads)
         self.device = resolve_device(cfg.train.device, self.local_rank)
 
-        # input (nothing written yet)
-        self.manifest, graphs, self.slide_names = load_graph_dir(cfg.graphs)
-        spec = merge_data_specs([data_spec(g) for g in graphs], self.slide_names)
+        # input (nothing written yet): the manifest is the index; a folder of more than
+        # train.max_cached_slides slides is opened on demand, a smaller one loaded whole
+        self.manifest = read_graph_manifest(cfg.graphs)
+        cap = int(cfg.train.max_cached_slides)
+        self.lazy = 0 < cap < len(self.manifest["slides"])
+        if self.lazy:
+            from tissuegraph.train.dataset import SlideDataset, manifest_data_spec
+
+            graphs = None
+            self.dataset = SlideDataset(cfg.graphs, self.manifest, max_cached=cap)
+            self.slide_names = self.dataset.names
+            spec = manifest_data_spec(cfg.graphs, self.manifest)
+        else:
+            self.dataset = None
+            self.manifest, graphs, self.slide_names = load_graph_dir(cfg.graphs)
+            spec = merge_data_specs([data_spec(g) for g in graphs], self.slide_names)
         std = self.manifest.get("standardize")  # fitted on the fit slides at build time
         if std:
             spec.update(std_scale=True, std_pcs=int(std.get("n_pcs") or 0), std_clip=std["clip"])
@@ -290,16 +320,32 @@ class Trainer:
                 "no objective can be computed on these graphs (image terms need patches: "
                 "set objectives.masked_expression > 0 or build graphs with patches)"
             )
-        self.indices = [SlideIndex(g, n) for g, n in zip(graphs, self.slide_names)]
-        self.sampler = TileSampler(
-            self.indices,
-            cfg.train.batch_spots,
-            self.model.n_layers,
-            seed=cfg.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            val_fraction=cfg.train.val_fraction,
-        )
+        if self.lazy:
+            from tissuegraph.train.dataset import LazyTileSampler
+
+            self.indices = None
+            self.sampler = LazyTileSampler(
+                self.dataset,
+                cfg.train.batch_spots,
+                self.model.n_layers,
+                seed=cfg.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                val_fraction=cfg.train.val_fraction,
+                chunk_slides=cap,
+                max_val_tiles=cfg.train.max_eval_tiles,
+            )
+        else:
+            self.indices = [SlideIndex(g, n) for g, n in zip(graphs, self.slide_names)]
+            self.sampler = TileSampler(
+                self.indices,
+                cfg.train.batch_spots,
+                self.model.n_layers,
+                seed=cfg.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                val_fraction=cfg.train.val_fraction,
+            )
         self.model.to(self.device)
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
@@ -322,31 +368,26 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.sampler.load_state_dict(ckpt["sampler"])
+            same_world = int(ckpt.get("world_size", 1)) == self.world_size
+            samplers = ckpt.get("samplers") or []  # one per rank (lazy ranks differ)
+            self.sampler.load_state_dict(
+                samplers[self.rank] if same_world and self.rank < len(samplers) else ckpt["sampler"]
+            )
             self.step = int(ckpt["step"])
             rngs = ckpt.get("rng") or []
             if rngs:
-                same_world = int(ckpt.get("world_size", 1)) == self.world_size
                 self._rng_to_restore = (
                     rngs[self.rank] if same_world and self.rank < len(rngs) else rngs[0]
                 )
         enc = self.model.expr_encoder
         if enc.standardize and enc.n_pcs:
-            # the standardised input (n_pcs wide) is fixed: compute it once per slide
-            with torch.no_grad():
+            # the standardised input (n_pcs wide) is fixed: compute it once per slide (on a
+            # lazy dataset: when the slide is opened)
+            if self.lazy:
+                self.dataset.on_load.insert(0, lambda ix, s: self._standardize(ix.data))
+            else:
                 for g in graphs:
-                    x = g[S.SPOT][S.X]
-                    parts = []
-                    for a in range(0, x.shape[0], 65536):  # bounded memory on huge slides
-                        xa = (
-                            x[a : a + 65536]
-                            if not x.is_sparse
-                            else x.index_select(
-                                0, torch.arange(a, min(a + 65536, x.shape[0]))
-                            ).to_dense()
-                        )
-                        parts.append(enc.standardized(xa.to(self.device)).cpu())
-                    g[S.SPOT][S.Z] = torch.cat(parts)
+                    self._standardize(g)
         self.precision = cfg.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -355,6 +396,21 @@ class Trainer:
             self.module = torch.compile(self.objectives, dynamic=True)
 
     # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def _standardize(self, g) -> None:
+        """``spot.z``: the standardised expression the expression encoder starts from."""
+        enc = self.model.expr_encoder
+        x = g[S.SPOT][S.X]
+        parts = []
+        for a in range(0, x.shape[0], 65536):  # bounded memory on huge slides
+            xa = (
+                x[a : a + 65536]
+                if not x.is_sparse
+                else x.index_select(0, torch.arange(a, min(a + 65536, x.shape[0]))).to_dense()
+            )
+            parts.append(enc.standardized(xa.to(self.device)).cpu())
+        g[S.SPOT][S.Z] = torch.cat(parts)
+
     def _check_resume(self, ckpt: dict, spec: dict) -> None:
         where = str(self.ckpt_path)
         build = ckpt.get("build", {}) or {}
@@ -377,8 +433,8 @@ class Trainer:
                 raise ConfigError(
                     f"cannot resume {where}: config field {key!r} differs from the checkpoint's"
                 )
-        for key in ("batch_spots", "val_fraction"):
-            if old.get("train", {}).get(key) != new["train"][key]:
+        for key in ("batch_spots", "val_fraction", "max_cached_slides"):
+            if old.get("train", {}).get(key, new["train"][key]) != new["train"][key]:
                 raise ConfigError(
                     f"cannot resume {where}: train.{key} differs from the checkpoint's "
                     f"({old.get('train', {}).get(key)})"
@@ -403,7 +459,8 @@ class Trainer:
         )
         return tile
 
-    def _checkpoint(self, path: Path, rngs: list) -> None:
+    def _checkpoint(self, path: Path, states: tuple[list, list]) -> None:
+        rngs, samplers = states
         obj = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -411,6 +468,7 @@ class Trainer:
             "step": self.step,
             "rng": rngs,
             "sampler": self.sampler.state_dict(),
+            "samplers": samplers,
             "config": to_dict(self.cfg),
             "model_config": model_config(self.model),
             "build": self.build_info,
@@ -419,15 +477,16 @@ class Trainer:
         }
         save_checkpoint(obj, path)
 
-    def _gather_rng(self) -> list:
-        st = rng_state()
+    def _gather_states(self) -> tuple[list, list]:
+        """Every rank's RNG and sampler states (for rank 0's checkpoint)."""
+        st = (rng_state(), self.sampler.state_dict())
         if not self.distributed:
-            return [st]
+            return [st[0]], [st[1]]
         import torch.distributed as dist
 
         out = [None] * self.world_size
         dist.all_gather_object(out, st)
-        return out
+        return [o[0] for o in out], [o[1] for o in out]
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> Path:
@@ -539,6 +598,7 @@ class Trainer:
                 if (
                     t.eval_every
                     and (self.step % t.eval_every == 0 or at_end)
+                    and main  # only rank 0 opens the held-out slides
                     and self.sampler.val_tiles
                 ):
                     if main:
@@ -576,11 +636,11 @@ class Trainer:
                 interrupted = signum > 0 and not at_end
                 every = bool(t.ckpt_every) and self.step % t.ckpt_every == 0
                 if every or at_end or due > 0 or interrupted:
-                    rngs = self._gather_rng()
+                    states = self._gather_states()
                     if main:
-                        self._checkpoint(self.ckpt_path, rngs)
+                        self._checkpoint(self.ckpt_path, states)
                         if t.keep_step_checkpoints and every and not at_end:
-                            self._checkpoint(self.ckpt_path.parent / f"step_{self.step}.pt", rngs)
+                            self._checkpoint(self.ckpt_path.parent / f"step_{self.step}.pt", states)
                     last_ckpt = _clock()
                 if interrupted:
                     if self.distributed:

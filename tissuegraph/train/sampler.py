@@ -14,7 +14,14 @@ from torch_geometric.data import HeteroData
 from tissuegraph.errors import InputError
 from tissuegraph.graph import schema as S
 
-__all__ = ["SlideIndex", "TileSampler", "extract_tile", "grid_tiles"]
+__all__ = [
+    "SlideIndex",
+    "TileSampler",
+    "extract_tile",
+    "grid_tiles",
+    "slide_layout",
+    "slide_epoch_tiles",
+]
 
 
 def _csr(key: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -223,6 +230,41 @@ def _tile_side(pos: np.ndarray, batch_spots: int) -> float:
     return side
 
 
+def slide_layout(
+    ix: SlideIndex, batch_spots: int, seed: int, s: int, val_fraction: float
+) -> tuple[float, Tensor, list[np.ndarray]]:
+    """A slide's window side (µm), held-out mask and held-out windows (fixed per seed)."""
+    side = _tile_side(ix.pos, batch_spots)
+    wins = grid_tiles(ix.pos, side)
+    rng = np.random.default_rng([seed, 7919, s])
+    n_val = int(round(val_fraction * len(wins)))
+    if val_fraction > 0 and len(wins) > 1:
+        n_val = max(1, min(n_val, len(wins) - 1))
+    else:
+        n_val = 0
+    pick = rng.permutation(len(wins))[:n_val]
+    vm = torch.zeros(ix.n, dtype=torch.bool)
+    val = []
+    for i in sorted(pick):
+        vm[torch.from_numpy(wins[i])] = True
+        val.append(wins[i])
+    return side, vm, val
+
+
+def slide_epoch_tiles(
+    ix: SlideIndex, side: float, val_mask: Tensor, batch_spots: int, seed: int, epoch: int, s: int
+) -> list[np.ndarray]:
+    """Core spot ids of slide ``s``'s training windows in ``epoch`` (a randomly shifted grid)."""
+    rng = np.random.default_rng([seed, epoch, s])
+    off = rng.uniform(0, side, size=2)
+    train = ~val_mask.numpy()
+    if int(train.sum()) <= batch_spots:
+        # the slide fits in one tile: train on all of it (no window cuts it apart)
+        return [np.flatnonzero(train)]
+    min_spots = max(2, batch_spots // 8)
+    return [w for w in grid_tiles(ix.pos, side, off, train) if len(w) >= min_spots]
+
+
 class TileSampler:
     """Draws spatial tiles across slides; deterministic given ``seed``, epoch and rank.
 
@@ -258,23 +300,14 @@ class TileSampler:
         self.n_hops = int(n_hops)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch, self.position = 0, 0
-        self.side = [_tile_side(ix.pos, self.batch_spots) for ix in indices]
+        self.side: list[float] = []
         self.val_mask: list[Tensor] = []
         self.val_tiles: list[tuple[int, np.ndarray]] = []
         for s, ix in enumerate(indices):
-            wins = grid_tiles(ix.pos, self.side[s])
-            rng = np.random.default_rng([self.seed, 7919, s])
-            n_val = int(round(val_fraction * len(wins)))
-            if val_fraction > 0 and len(wins) > 1:
-                n_val = max(1, min(n_val, len(wins) - 1))
-            else:
-                n_val = 0
-            pick = rng.permutation(len(wins))[:n_val]
-            vm = torch.zeros(ix.n, dtype=torch.bool)
-            for i in sorted(pick):
-                vm[torch.from_numpy(wins[i])] = True
-                self.val_tiles.append((s, wins[i]))
+            side, vm, wins = slide_layout(ix, self.batch_spots, self.seed, s, val_fraction)
+            self.side.append(side)
             self.val_mask.append(vm)
+            self.val_tiles += [(s, w) for w in wins]
         self._cache: tuple[int, list] | None = None
         if not self.epoch_tiles(0):
             raise InputError("no training tiles: the slides are too small for train.batch_spots")
@@ -284,18 +317,11 @@ class TileSampler:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         tiles = []
-        min_spots = max(2, self.batch_spots // 8)
         for s, ix in enumerate(self.indices):
-            rng = np.random.default_rng([self.seed, epoch, s])
-            off = rng.uniform(0, self.side[s], size=2)
-            train = ~self.val_mask[s].numpy()
-            if int(train.sum()) <= self.batch_spots:
-                # the slide fits in one tile: train on all of it (no window cuts it apart)
-                tiles.append((s, np.flatnonzero(train)))
-                continue
-            for w in grid_tiles(ix.pos, self.side[s], off, train):
-                if len(w) >= min_spots:
-                    tiles.append((s, w))
+            cores = slide_epoch_tiles(
+                ix, self.side[s], self.val_mask[s], self.batch_spots, self.seed, epoch, s
+            )
+            tiles += [(s, w) for w in cores]
         order = np.random.default_rng([self.seed, epoch, 104729]).permutation(len(tiles))
         tiles = [tiles[i] for i in order]
         per = len(tiles) // self.world_size
