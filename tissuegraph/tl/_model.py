@@ -484,7 +484,7 @@ def predict_expression(
         neighbours' visible. On HER2ST (``benchmarks/image_to_expression_her2st.py``,
         leave-one-section-out over patient C, 50 genes chosen on the training sections,
         frozen random-init resnet10t + colour features) the probe reached a mean Pearson
-        r of 0.390 and the decoder 0.334 (B4, another patient: 0.117 and 0.097), so the
+        r of 0.387 and the decoder 0.296 (B4, another patient: 0.129 and 0.102), so the
         probe is the default; see the README for the full table.
 
     Returns
