@@ -4,11 +4,16 @@ Data: set $TISSUEGRAPH_DATA to a folder holding her2st/{B4,C2,C3,C4,C5} (counts.
 spots.tsv, he.jpg per section) from github.com/almaan/her2st (Andersson et al., Nat Commun
 2021).
 
-    python examples/her2st_image_to_expression.py [--holdout C2] [--steps 200] [--genes 250]
+    python examples/her2st_image_to_expression.py [--holdout C2] [--steps 400] [--genes 50]
+        [--method probe|decoder]
 
-The gene panel is chosen on the training sections only; the held-out section's expression is
-never shown to the model (prediction from its image alone). Prints the per-gene Pearson r
-between predicted and measured log-normalised expression and writes <out>/expression.png.
+Uses the shipped recipe (configs/build/her2st.yaml: frozen multi-scale patch features;
+configs/pretrain/her2st.yaml: the image-only decoder, best held-out step kept, ridge probe
+stored in the checkpoint). A patient-C section is predicted from the other three C sections,
+B4 from C2-C5. The gene panel is chosen on the training sections only; the held-out section's
+expression is never shown to the model (prediction from its image alone). Prints the per-gene
+Pearson r between predicted and measured log-normalised expression and writes
+<out>/expression.png.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ SECTIONS = ["B4", "C2", "C3", "C4", "C5"]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--holdout", default="C2", choices=SECTIONS)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--genes", type=int, default=250, help="HVG panel size")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--genes", type=int, default=50, help="HVG panel size")
+    p.add_argument("--method", default="probe", choices=["probe", "decoder"])
     p.add_argument("--out", default="her2st_run")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -45,26 +51,30 @@ def main() -> None:
     from tissuegraph.train.loop import pretrain
 
     out = Path(args.out)
-    train = [s for s in SECTIONS if s != args.holdout]
-    cfg = OmegaConf.structured(BuildConfig)
+    patient_c = [s for s in SECTIONS if s.startswith("C")]
+    train = [s for s in patient_c if s != args.holdout]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(BuildConfig, configs / "build" / "her2st.yaml", [])
     cfg.slides = [
-        SlideSpec(
-            name=s,
-            format="st",
-            counts=str(her2st / s / "counts.tsv.gz"),
-            spots=str(her2st / s / "spots.tsv"),
-            image=str(her2st / s / "he.jpg"),
+        OmegaConf.structured(
+            SlideSpec(
+                name=s,
+                format="st",
+                counts=str(her2st / s / "counts.tsv.gz"),
+                spots=str(her2st / s / "spots.tsv"),
+                image=str(her2st / s / "he.jpg"),
+            )
         )
         for s in train
     ]
     cfg.out_dir = str(out / "graphs")
     cfg.panel.n_top = args.genes
-    cfg.patches.sizes_um = [200.0, 600.0, 1800.0]  # ST: 100 µm spots, 200 µm grid
+    cfg.panel.fit_slides = train
     build_graphs(cfg)
 
     pcfg = load_config(
         PretrainConfig,
-        None,
+        configs / "pretrain" / "her2st.yaml",
         [
             f"graphs={out / 'graphs'}",
             f"run_dir={out / 'run'}",
@@ -76,7 +86,8 @@ def main() -> None:
 
     d = her2st / args.holdout
     held = io.read_st(d / "counts.tsv.gz", d / "spots.tsv", d / "he.jpg", library_id=args.holdout)
-    pred = tl.predict_expression(held, out / "run" / "checkpoints" / "last.pt", device=args.device)
+    ckpt = out / "run" / "checkpoints" / "best.pt"  # the best held-out step
+    pred = tl.predict_expression(held, ckpt, device=args.device, method=args.method)
     r = pred.var["pearson_r"].to_numpy()
     print(
         f"{args.holdout} held out: {pred.n_obs} spots x {pred.n_vars} genes; per-gene Pearson r "

@@ -164,7 +164,7 @@ def test_image_to_expression_fold_synthetic(tmp_path):
         assert r["held_out"] == "S1" and "S1" not in r["train"]
         assert np.isfinite(r["pearson"]) and -1 <= r["pearson"] <= 1
     cols, rows, targets = her.summarise(runs, s)
-    assert len(rows) == len(methods) and len(targets) == 2
+    assert len(rows) == len(methods) and len(targets) == 3
 
 
 def test_pretrain_throughput_small(tmp_path):

@@ -93,12 +93,23 @@ class SpatialConfig:
 class EncoderSpec:
     """A frozen timm encoder whose features are stored instead of pixels (``name`` null = pixels).
 
+    ``name``: a timm model or ``hf-hub:<org>/<repo>``; ``pretrained`` downloads its weights
+    (network or a filled cache); ``checkpoint_path`` loads a local weights file instead
+    (e.g. UNI: ``name: vit_large_patch16_224``, ``checkpoint_path: .../pytorch_model.bin``,
+    ``model_kwargs: {init_values: 1.0e-5, dynamic_img_size: true}``, ``input_px: 224``).
     Crops are read at ``input_px`` (default: ``patches.crop_px``), normalised with the
-    model's mean/std and encoded in batches of ``batch_size`` under ``torch.no_grad``."""
+    model's mean/std and encoded in batches of ``batch_size`` under ``torch.no_grad``.
+    ``colour_stats``: append mean / sd of R, G, B, H, S, V of the same crop (12 columns).
+    ``slide_standardize``: standardise every feature column per slide and scale (mean 0,
+    sd 1 over the slide's patches): a stain / scanner normalisation from the slide's own
+    image, applied alike to new slides built with the same config."""
 
     name: str | None = None
     pretrained: bool = False
     checkpoint_path: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    colour_stats: bool = False
+    slide_standardize: bool = False
     batch_size: int = 64
     device: str = "auto"
     input_px: int | None = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tissuegraph.errors import ConfigError, one_line
+from tissuegraph.errors import ConfigError
 
 __all__ = [
     "PatchHierarchy",
@@ -22,6 +22,9 @@ __all__ = [
     "patch_hierarchy",
     "crop_patches",
     "encode_patches",
+    "colour_statistics",
+    "standardize_per_slide",
+    "COLOUR_STATS",
 ]
 
 
@@ -162,21 +165,31 @@ def crop_patches(
 
 
 def load_encoder(spec):
-    """A frozen timm model (``num_classes=0``) in eval mode, plus its mean/std."""
-    from tissuegraph.errors import require
+    """A frozen timm model (``num_classes=0``) in eval mode, plus its mean/std.
 
-    timm = require("timm", purpose="patch features")
-    kwargs = {"pretrained": bool(spec.pretrained), "num_classes": 0}
-    if spec.checkpoint_path:
-        kwargs["checkpoint_path"] = str(spec.checkpoint_path)
+    ``spec.name``: a timm name or ``hf-hub:<org>/<repo>``; ``spec.checkpoint_path``: local
+    weights (UNI / Virchow / H-optimus files, ...), read by
+    :func:`tissuegraph._timm.create_backbone`. Without weights the random init is seeded
+    (seed 0), so that separate builds encode with the same network."""
+    import torch
+
+    from tissuegraph._timm import create_backbone
+    from tissuegraph.errors import TissueGraphError, require
+
+    require("timm", purpose="patch features")
     try:
-        model = timm.create_model(spec.name, **kwargs)
-    except Exception as exc:  # unknown name, missing weights offline, ...
-        raise ConfigError(
-            f"patches.encoder.name={spec.name!r}: cannot create the timm model "
-            f"({one_line(exc, limit=None)}); "
-            "use pretrained=false or a local checkpoint_path"
-        ) from exc
+        # random init is seeded: every build (training slides now, a new slide later) must
+        # encode with the same network
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_backbone(
+                spec.name,
+                pretrained=bool(spec.pretrained),
+                checkpoint_path=str(spec.checkpoint_path) if spec.checkpoint_path else None,
+                model_kwargs=dict(getattr(spec, "model_kwargs", None) or {}),
+            )
+    except TissueGraphError as exc:
+        raise ConfigError(f"patches.encoder: {exc}") from exc
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -184,6 +197,48 @@ def load_encoder(spec):
     mean = cfg.get("mean", (0.485, 0.456, 0.406))
     std = cfg.get("std", (0.229, 0.224, 0.225))
     return model, mean, std
+
+
+#: names of the :func:`colour_statistics` columns
+COLOUR_STATS = tuple(
+    f"{stat}_{ch}" for stat in ("mean", "sd") for ch in ("r", "g", "b", "h", "s", "v")
+)
+
+
+def colour_statistics(crops: np.ndarray) -> np.ndarray:
+    """Mean and standard deviation of R, G, B, H, S, V of each crop: ``float32 [M, 12]``.
+
+    ``crops``: uint8 ``[M, H, W, 3]`` (channels last); values in [0, 1] (hue as a fraction of
+    the circle). Column names: :data:`COLOUR_STATS`.
+    """
+    x = np.asarray(crops, dtype=np.float32) / 255.0
+    m = x.reshape(x.shape[0], -1, 3)
+    r, g, b = m[..., 0], m[..., 1], m[..., 2]
+    v = m.max(-1)
+    c = v - m.min(-1)
+    s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
+    safe = np.maximum(c, 1e-12)
+    h = np.where(
+        v == r, ((g - b) / safe) % 6.0, np.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    )
+    h = np.where(c > 0, h / 6.0, 0.0)
+    chans = [r, g, b, h, s, v]
+    out = [ch.mean(1) for ch in chans] + [ch.std(1) for ch in chans]
+    return np.stack(out, 1).astype(np.float32)
+
+
+def standardize_per_slide(feat: np.ndarray) -> np.ndarray:
+    """Each column centred and scaled by its mean / sd over the slide's patches (one scale).
+
+    A stain / scanner normalisation that uses only the slide's own image: features of
+    sections stained or scanned on different days become comparable. Constant columns
+    become 0."""
+    f = np.asarray(feat, dtype=np.float32)
+    if f.shape[0] == 0:
+        return f
+    mu = f.mean(0, keepdims=True)
+    sd = f.std(0, keepdims=True)
+    return np.where(sd > 1e-6, (f - mu) / np.maximum(sd, 1e-6), 0.0).astype(np.float32)
 
 
 def encode_patches(
@@ -200,7 +255,9 @@ def encode_patches(
     """Features of a frozen timm encoder for each crop: ``float16 [M, D]``.
 
     Crops are read ``spec.batch_size`` at a time at ``input_px`` pixels, scaled to [0, 1],
-    normalised with the model's mean/std and encoded under ``torch.no_grad``.
+    normalised with the model's mean/std and encoded under ``torch.no_grad``. With
+    ``spec.colour_stats`` the 12 :func:`colour_statistics` of the same crop are appended
+    (``D = num_features + 12``).
     """
     import torch
 
@@ -212,6 +269,7 @@ def encode_patches(
         std = cfg.get("std", (0.229, 0.224, 0.225))
     from tissuegraph._utils import resolve_device
 
+    with_colour = bool(getattr(spec, "colour_stats", False))
     device = resolve_device(spec.device)
     model = model.to(device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -227,13 +285,17 @@ def encode_patches(
     with torch.no_grad():
         for a, b in it:
             crop = np.asarray(image.crop(centers_px[a:b], float(size_px), int(input_px)))
+            colour = colour_statistics(crop) if with_colour else None
             x = torch.from_numpy(crop).to(device).permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - mean_t) / std_t
             f = model(x)
             if f.ndim > 2:
                 f = f.flatten(1)
-            feats.append(f.float().cpu().numpy().astype(np.float16))
+            f = f.float().cpu().numpy()
+            if colour is not None:
+                f = np.concatenate([f, colour], 1)
+            feats.append(f.astype(np.float16))
     if not feats:
-        dim = int(getattr(model, "num_features", 0))
+        dim = int(getattr(model, "num_features", 0)) + (len(COLOUR_STATS) if with_colour else 0)
         return np.zeros((0, dim), dtype=np.float16)
     return np.concatenate(feats)

@@ -38,6 +38,7 @@ from tissuegraph.graph.patches import (
     encode_patches,
     load_encoder,
     patch_hierarchy,
+    standardize_per_slide,
     validate_sizes,
 )
 from tissuegraph.graph.priors import PriorEdges, PriorTables, prior_edges, read_prior_tables
@@ -510,6 +511,8 @@ def _add_patches(data: HeteroData, adata, pos_um: np.ndarray, cfg: DictConfig, p
                     progress=progress,
                     desc=f"{nt} features",
                 )
+                if enc.slide_standardize:
+                    feat = standardize_per_slide(feat).astype(np.float16)
                 data[nt].feat = _t(feat)
             else:
                 crops = crop_patches(

@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors, dicts, lists and primitives only:
 python / numpy / torch / cuda states as lists and tensors), ``sampler`` (epoch, position),
 ``config`` (the resolved PretrainConfig), ``model_config`` (``{"name", "cfg", "data_spec"}``),
 ``build`` (``build_config``, ``genes``, ``pathways``, ``schema_version``, ``config_hash`` from
-the graphs' manifest), ``tissuegraph_version``, ``world_size``.
+the graphs' manifest), ``tissuegraph_version``, ``world_size``; after training with patches,
+``probe`` (the image -> expression ridge probe of :mod:`tissuegraph.train.probe`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         The model in eval mode on ``device``.
     info
         ``build_config`` (dict), ``genes``, ``pathways``, ``config`` (the training config),
-        ``model_config``, ``step``, ``checkpoint_hash``.
+        ``model_config``, ``step``, ``checkpoint_hash``, ``probe`` (``None`` when the
+        checkpoint has none).
     """
     from tissuegraph.nn.model import load_model as _load
 
@@ -96,5 +98,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
         "model_config": obj["model_config"],
         "step": int(obj.get("step", 0)),
         "checkpoint_hash": file_hash(path),
+        "probe": obj.get("probe"),
     }
     return model, info

@@ -21,7 +21,9 @@ class ObjectiveConfig:
     contrastive anchors (disjoint from the hidden ones). ``temperature_init`` /
     ``temperature_min``: the learnable InfoNCE temperature and its lower clamp.
     ``max_region_pairs`` / ``max_loc_pairs``: per-tile caps on children used by the two
-    patch terms.
+    patch terms. ``image_expression``: MSE of the core spots' expression decoded with the
+    expression of every spot of the tile hidden (the image -> expression task itself; one
+    extra forward pass per step).
     """
 
     contrastive: float = 1.0
@@ -38,6 +40,7 @@ class ObjectiveConfig:
     masked_feature: float = 0.0
     reconstruction: float = 0.0
     mae_gamma: float = 2.0
+    image_expression: float = 0.0
 
 
 @dataclass
@@ -60,6 +63,12 @@ class TrainConfig:
     per process, the tiles of that many slides shuffled together, and under DDP each rank
     reading only its own share of the slides); a smaller folder is loaded whole at start
     (0: always load whole). Resuming needs the same value.
+    ``keep_best``: a held-out metric (lower is better, e.g. ``val_image_expression`` or
+    ``val_loss``): ``checkpoints/best.pt`` is written at each evaluation that improves it
+    (null: off). ``probe``: at the end of training, fit the image -> expression linear probe
+    (:mod:`tissuegraph.train.probe`) on the training spots and store it in ``last.pt`` (and
+    ``best.pt``); needs graphs with patches. ``probe_max_spots``: spots it is fitted on at
+    most (a random subset beyond).
     """
 
     max_steps: int = 1000
@@ -84,6 +93,9 @@ class TrainConfig:
     max_eval_tiles: int = 32
     csv: bool = False
     tensorboard: bool = True
+    keep_best: str | None = None
+    probe: bool = True
+    probe_max_spots: int = 50000
 
 
 @dataclass

@@ -11,10 +11,10 @@ from torch_geometric.data import HeteroData
 from tissuegraph._utils import resolve_device
 from tissuegraph.graph import schema as S
 from tissuegraph.nn.model import check_data_spec, data_spec, unwrap
-from tissuegraph.train.objectives import apply_masks
+from tissuegraph.train.objectives import apply_masks, hide_all_expression
 from tissuegraph.train.sampler import SlideIndex, _tile_side, grid_tiles
 
-__all__ = ["embed_graph", "predict_graph"]
+__all__ = ["embed_graph", "predict_graph", "image_only_embedding"]
 
 KINDS = ("fused", "expression", "image")
 
@@ -111,6 +111,34 @@ def embed_graph(
     return out
 
 
+def _image_only(m, index: SlideIndex, batch_spots: int, dev, decode: bool) -> np.ndarray:
+    """Fused embeddings (or their decoded expression) of every spot with the expression of
+    all spots hidden, tile by tile (halo of ``n_layers`` hops)."""
+    from tissuegraph.train.sampler import extract_tile
+
+    width = m.n_genes if decode else m.dim
+    out = np.zeros((index.n, width), np.float32)
+    for core in _tiles(index, batch_spots):
+        tile = hide_all_expression(extract_tile(index, torch.from_numpy(core), m.n_layers))
+        res = m(tile.to(dev))
+        c = tile[S.SPOT]["core"]
+        h = res["fused"][c]
+        if decode:
+            h = m.predict_expression(h)
+        out[tile[S.SPOT]["n_id"][c.cpu()].numpy()] = h.float().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def image_only_embedding(model, data: HeteroData, *, batch_spots: int = 8192, device="auto"):
+    """``float32 [N_spots, hidden_dim]``: the fused embedding of every spot computed with the
+    expression of all spots hidden (what the image-only decoder reads)."""
+    m, index = _prepare(model, data)
+    dev = resolve_device(device)
+    m.to(dev).eval()
+    return _image_only(m, index, batch_spots, dev, decode=False)
+
+
 @torch.no_grad()
 def predict_graph(
     model,
@@ -119,13 +147,15 @@ def predict_graph(
     batch_spots: int = 8192,
     device="auto",
     mask_ratio: float = 0.25,
+    image_only: bool = False,
 ) -> np.ndarray:
     """Expression predicted for every spot with its own expression hidden.
 
     The core spots of each tile are split into ``ceil(1 / mask_ratio)`` groups; each pass
     hides one group (input zeroed, expresses edges dropped) and decodes it from the image and
-    the neighbours, as in masked-expression training. A graph without expression (``x`` all
-    zero, e.g. pseudo-spots on a bare image) gives image-only predictions.
+    the neighbours, as in masked-expression training. With ``image_only`` the expression of
+    every spot is hidden in one pass (the ``image_expression`` objective's setting): the
+    prediction comes from the image nodes alone.
 
     Returns
     -------
@@ -136,6 +166,8 @@ def predict_graph(
     m, index = _prepare(model, data)
     dev = resolve_device(device)
     m.to(dev).eval()
+    if image_only:
+        return _image_only(m, index, batch_spots, dev, decode=True)
     out = np.zeros((index.n, m.n_genes), np.float32)
     n_groups = max(1, math.ceil(1.0 / max(mask_ratio, 1e-6)))
     for core in _tiles(index, batch_spots):

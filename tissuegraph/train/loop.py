@@ -55,6 +55,7 @@ __all__ = [
 
 CKPT_DIR = "checkpoints"
 LAST = "last.pt"
+BEST = "best.pt"
 METRICS = "metrics.jsonl"
 
 _clock = time.monotonic  # the clock of time-based checkpoints (tests replace it)
@@ -612,6 +613,7 @@ class Trainer:
                         )
                         row = row or {"step": self.step}
                         row.update(last_eval)
+                        self._keep_best(last_eval)
                     t0 = time.perf_counter()
                 if row is not None and main:
                     with open(metrics_path, "a") as fh:
@@ -655,7 +657,21 @@ class Trainer:
         if self.distributed:
             dist.barrier()
         self.last_eval = last_eval
+        if main and t.probe and self.model.image_encoder is not None:
+            from tissuegraph.train.probe import attach_probe
+
+            attach_probe(self)
         return self.ckpt_path
+
+    def _keep_best(self, metrics: dict) -> None:
+        """Write ``checkpoints/best.pt`` when ``train.keep_best`` improved (lower is better)."""
+        key = self.cfg.train.keep_best
+        if not key or key not in metrics:
+            return
+        value = float(metrics[key])
+        if value < getattr(self, "best_value", math.inf):
+            self.best_value, self.best_step = value, self.step
+            self._checkpoint(self.ckpt_path.parent / BEST, [rng_state()])
 
     def _truncate_metrics(self, jsonl: Path, csv: Path) -> None:
         from tissuegraph._utils import write_text_atomic

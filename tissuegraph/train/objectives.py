@@ -28,6 +28,13 @@
   cosine error ``(1 - cos)^gamma``.
 - ``reconstruction``: MSE of the standardised input ``z`` of the visible core spots decoded
   linearly from their embedding (keeps what the input had in the embedding).
+- ``image_expression``: the image -> expression task itself. A second pass over the tile
+  with the expression of *every* spot hidden (the core spots and their neighbours in the
+  halo: input replaced by the mask token, ``expresses`` edges dropped), so the decoder must
+  predict each core spot's normalised expression from image nodes alone: its ``patch_0``,
+  the neighbours' ``patch_0`` through the spot graph and the region context of ``patch_1`` /
+  ``patch_2``. MSE as ``masked_expression``; this is what ``tl.predict_expression(...,
+  method="decoder")`` runs.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from torch_geometric.data import HeteroData
 
 from tissuegraph.graph import schema as S
 
-__all__ = ["TERMS", "info_nce", "apply_masks", "Objectives"]
+__all__ = ["TERMS", "info_nce", "apply_masks", "hide_all_expression", "Objectives"]
 
 TERMS = (
     "contrastive",
@@ -51,6 +58,7 @@ TERMS = (
     "local_global",
     "masked_feature",
     "reconstruction",
+    "image_expression",
 )
 EXPRESSION_TERMS = ("masked_expression", "local_global", "masked_feature", "reconstruction")
 MASKING_TERMS = ("masked_expression", "masked_feature")
@@ -118,6 +126,32 @@ def apply_masks(
             elif torch.is_tensor(v) and v.shape[:1] == keep.shape:
                 st[key] = v[keep]
     return tile
+
+
+def hide_all_expression(tile: HeteroData) -> HeteroData:
+    """A copy of ``tile`` in which no spot shows its expression (image-only input).
+
+    Every spot (core and halo) gets ``x_mask`` True and ``x`` zero, and the ``expresses``
+    edges are dropped in both directions; patches and their edges are kept. Masks set earlier
+    by :func:`apply_masks` are undone first: ``spot.x_full`` holds the original expression.
+    """
+    out = tile.clone()
+    spot = out[S.SPOT]
+    x = spot[S.X]
+    if "x_mask" in spot and "x_target" in spot and bool(spot["x_mask"].any()):
+        x = x.to(torch.float32, copy=True)
+        x[spot["x_mask"]] = spot["x_target"].to(x.dtype)
+    spot["x_full"] = x
+    spot[S.X] = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    spot["x_mask"] = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    spot["x_target"] = x.float()
+    for key in (S.Z, "anchor"):
+        if key in spot:
+            del spot[key]
+    for et in (S.SPOT_EXPRESSES_GENE, S.GENE_REV_EXPRESSES_SPOT):
+        if et in out.edge_types:
+            del out[et]
+    return out
 
 
 class Objectives(nn.Module):
@@ -217,6 +251,14 @@ class Objectives(nn.Module):
                 if bool(keep.any()):
                     z = _standardized(m, spot, keep)
                     losses[term] = F.mse_loss(m.recon_head(out["fused"][keep]).float(), z)
+            elif term == "image_expression":
+                core = spot["core"]
+                if not bool(core.any()):
+                    continue
+                img_tile = hide_all_expression(tile)
+                fused = m(img_tile)["fused"][core]
+                target = img_tile[S.SPOT]["x_full"][core].float()
+                losses[term] = F.mse_loss(m.predict_expression(fused).float(), target)
         dev = out["fused"].device
         total = torch.zeros((), device=dev)
         for t, v in losses.items():
