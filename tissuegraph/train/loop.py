@@ -602,18 +602,17 @@ class Trainer:
                     and main  # only rank 0 opens the held-out slides
                     and self.sampler.val_tiles
                 ):
-                    if main:
-                        last_eval = evaluate(
-                            self.model,
-                            self.sampler,
-                            cfg.objectives,
-                            self.device,
-                            max_tiles=t.max_eval_tiles,
-                            autocast=self._autocast,
-                        )
-                        row = row or {"step": self.step}
-                        row.update(last_eval)
-                        self._keep_best(last_eval)
+                    last_eval = evaluate(
+                        self.model,
+                        self.sampler,
+                        cfg.objectives,
+                        self.device,
+                        max_tiles=t.max_eval_tiles,
+                        autocast=self._autocast,
+                    )
+                    row = row or {"step": self.step}
+                    row.update(last_eval)
+                    self._keep_best(last_eval)
                     t0 = time.perf_counter()
                 if row is not None and main:
                     with open(metrics_path, "a") as fh:
@@ -671,7 +670,10 @@ class Trainer:
         value = float(metrics[key])
         if value < getattr(self, "best_value", math.inf):
             self.best_value, self.best_step = value, self.step
-            self._checkpoint(self.ckpt_path.parent / BEST, [rng_state()])
+            # rank 0 alone (no collective): best.pt is for its weights, not for resuming
+            self._checkpoint(
+                self.ckpt_path.parent / BEST, ([rng_state()], [self.sampler.state_dict()])
+            )
 
     def _truncate_metrics(self, jsonl: Path, csv: Path) -> None:
         from tissuegraph._utils import write_text_atomic

@@ -207,8 +207,20 @@ def attach_probe(trainer) -> None:
 
     from tissuegraph.train.checkpoint import read_checkpoint, save_checkpoint
 
-    graphs = [ix.data for ix in trainer.indices]
-    names = list(trainer.slide_names)
+    if trainer.indices is not None:
+        graphs = [ix.data for ix in trainer.indices]
+        names = list(trainer.slide_names)
+    else:  # on-demand corpus: this rank's slides in a seeded order until probe_max_spots
+        ds, cap = trainer.dataset, int(trainer.cfg.train.probe_max_spots)
+        own = np.asarray(getattr(trainer.sampler, "slides", np.arange(len(ds))))
+        order = np.random.default_rng(int(trainer.cfg.seed)).permutation(own)
+        graphs, names, n = [], [], 0
+        for s in order:
+            if n >= cap:
+                break
+            graphs.append(ds.get(int(s)).data)
+            names.append(trainer.slide_names[int(s)])
+            n += int(graphs[-1][S.SPOT].num_nodes)
     model = trainer.model
     was = model.training
     paths = [trainer.ckpt_path, trainer.ckpt_path.parent / "best.pt"]
