@@ -36,7 +36,7 @@ def fake_infer(monkeypatch):
         with torch.no_grad():
             return model.embed(data).numpy()
 
-    def predict_graph(model, data, *, batch_spots=None, device="cpu"):
+    def predict_graph(model, data, *, batch_spots=None, device="cpu", image_only=False):
         with torch.no_grad():
             return model.head(model.embed(data)).numpy()
 

@@ -54,7 +54,7 @@ def fake_infer(monkeypatch):
         with torch.no_grad():
             return model.embed(data, kind=kind).cpu().numpy()
 
-    def predict_graph(model, data, *, batch_spots=None, device="cpu"):
+    def predict_graph(model, data, *, batch_spots=None, device="cpu", image_only=False):
         with torch.no_grad():
             return model.head(model.embed(data, kind="image")).cpu().numpy()
 

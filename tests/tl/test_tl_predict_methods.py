@@ -124,7 +124,7 @@ def test_both_methods_predict_heldout_section(run, c2):
 
 
 def test_bad_method_is_a_clear_error(run, c2):
-    with pytest.raises(InputError, match=r"method must be one of \['decoder', 'probe'\]"):
+    with pytest.raises(InputError, match=r"method must be one of \['auto', 'decoder', 'probe'\]"):
         tl.predict_expression(c2, str(run), device="cpu", method="ridge")
 
 

@@ -15,10 +15,10 @@ from tissuegraph.errors import InputError
 from tissuegraph.tl._core import EMBED_KEY, check_adata, check_choice, store_params
 
 KINDS = ("fused", "expression", "image")
-PREDICT_METHODS = ("decoder", "probe")
-#: the default of ``predict_expression(method=...)``: the better one in
-#: benchmarks/image_to_expression_her2st.py (see its docstring)
-DEFAULT_PREDICT_METHOD = "probe"
+PREDICT_METHODS = ("auto", "decoder", "probe")
+#: the default of ``predict_expression(method=...)``: the probe (the better one in
+#: benchmarks/image_to_expression_her2st.py, see its docstring) when the checkpoint holds one
+DEFAULT_PREDICT_METHOD = "auto"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp")
 
 
@@ -473,7 +473,8 @@ def predict_expression(
         checkpoint's panel genes (else :class:`~tissuegraph.errors.InputError`); with
         ``use_expression`` its values must also be of the kind the model was trained on.
     method
-        ``"probe"`` (default): the ridge probe stored in the checkpoint at the end of
+        ``"auto"`` (default): ``"probe"`` when the checkpoint holds one (pretrained with
+        patches), else ``"decoder"``. ``"probe"``: the ridge probe stored in the checkpoint at the end of
         pretraining (standardise -> PCA -> ridge on image-side features: the stored
         features of the spot's ``patch_0`` and of the ``patch_1`` / ``patch_2`` regions
         containing it, their mean over the spot's neighbours, and the model's image-only
@@ -552,6 +553,8 @@ def predict_expression(
     kw = {"device": dev}
     if batch_spots is not None:
         kw["batch_spots"] = int(batch_spots)
+    if method == "auto":
+        method = "probe" if info.get("probe") else "decoder"
     if method == "probe":
         probe = info.get("probe")
         if not probe:
