@@ -160,6 +160,24 @@ def test_apply_masks_hides_expression_and_cuts_identity_edges():
     assert not a[tile[S.SPOT_REV_OF_PATCH0].edge_index[0]].any()
 
 
+def test_whole_slide_tile_is_built_once_and_masking_leaves_it_intact():
+    g = tiny_graph(8, n_genes=8, crop_px=8)
+    s = TileSampler([SlideIndex(g)], 10_000, 2, val_fraction=0.0)  # the slide is one tile
+    slide, core = s.epoch_tiles(0)[0]
+    first = s.build(slide, core)
+    ref = {et: first[et].edge_index.clone() for et in first.edge_types}
+    x0 = first[S.SPOT][S.X].float().clone()
+    apply_masks(
+        first, mask_ratio=0.5, anchor_fraction=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    second = s.build(slide, core)
+    assert len(s._whole) == 1 and second is not first
+    assert "x_mask" not in second[S.SPOT]
+    assert torch.equal(second[S.SPOT][S.X].float(), x0)
+    for et, ei in ref.items():
+        assert torch.equal(second[et].edge_index, ei)
+
+
 def test_pretrain_outputs_and_checkpoint(graph_dir, tmp_path):
     run = tmp_path / "run"
     path = pretrain(_cfg(graph_dir, run), progress=False)

@@ -37,7 +37,8 @@ class ExpressionEncoder(nn.Module):
     in_dim
         Panel size ``G``.
     hidden_dim, out_dim
-        Width of the hidden layer and of the output.
+        Width of the hidden layer (0: a single linear projection, no hidden layer) and of
+        the output.
     standardize
         Hold ``mean`` / ``sd`` buffers (set them with :meth:`set_standardization`).
     n_pcs
@@ -69,14 +70,17 @@ class ExpressionEncoder(nn.Module):
             if self.n_pcs:
                 self.register_buffer("std_basis", torch.zeros(in_dim, self.n_pcs))
         self.input_dim = self.n_pcs or in_dim
-        self.net = nn.Sequential(
-            nn.Linear(self.input_dim, hidden_dim),
-            nn.LayerNorm(hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, out_dim),
-            nn.LayerNorm(out_dim),
-        )
+        if hidden_dim > 0:
+            self.net = nn.Sequential(
+                nn.Linear(self.input_dim, hidden_dim),
+                nn.LayerNorm(hidden_dim),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_dim, out_dim),
+                nn.LayerNorm(out_dim),
+            )
+        else:  # one linear projection: the graph convolutions see the input itself
+            self.net = nn.Sequential(nn.Linear(self.input_dim, out_dim))
         self.mask_token = nn.Parameter(torch.zeros(out_dim))
         self.reset_parameters()
 

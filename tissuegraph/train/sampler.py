@@ -4,6 +4,7 @@ the edges among them. Plain torch index ops (CSR gathers), no pyg-lib / torch-sp
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -309,6 +310,7 @@ class TileSampler:
             self.val_mask.append(vm)
             self.val_tiles += [(s, w) for w in wins]
         self._cache: tuple[int, list] | None = None
+        self._whole: dict[tuple[int, bool], HeteroData] = {}  # built one-tile slides
         if not self.epoch_tiles(0):
             raise InputError("no training tiles: the slides are too small for train.batch_spots")
 
@@ -340,11 +342,18 @@ class TileSampler:
 
     def build(self, slide: int, core: np.ndarray, *, train: bool = True) -> HeteroData:
         """The tile subgraph; training tiles never reach into held-out spots."""
+        core = np.asarray(core)
         allowed = ~self.val_mask[slide] if train else None
-        tile = extract_tile(
-            self.indices[slide], torch.from_numpy(np.asarray(core)), self.n_hops, allowed
-        )
+        n_allowed = self.indices[slide].n if allowed is None else int(allowed.sum())
+        whole = core.size == n_allowed  # a one-tile slide: the same subgraph every time
+        if whole and (slide, train) in self._whole:
+            # a shallow copy: masking replaces the copy's tensors, never the cached ones
+            return copy.copy(self._whole[(slide, train)])
+        tile = extract_tile(self.indices[slide], torch.from_numpy(core), self.n_hops, allowed)
         tile.slide_index = slide
+        if whole:
+            self._whole[(slide, train)] = tile
+            return copy.copy(tile)
         return tile
 
     def state_dict(self) -> dict:
