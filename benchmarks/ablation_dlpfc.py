@@ -62,6 +62,18 @@ VARIANTS = {
         True,
     ),
     "residual": ("residual connections in the GNN", [], ["model.residual=true"], None),
+    "mlp_input": (
+        "MLP input encoder (50 -> 256 -> 32, LayerNorm), LayerNorm after each layer, "
+        "dropout 0.1, 32-d (the previous recipe)",
+        [],
+        [
+            "model.expr_hidden_dim=256",
+            "model.norm=true",
+            "model.hidden_dim=32",
+            "model.dropout=0.1",
+        ],
+        None,
+    ),
     "no_standardize": (
         "no standardisation (log1p values in, no PCA basis)",
         ["normalize.scale=false"],

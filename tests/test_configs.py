@@ -37,6 +37,7 @@ def test_domain_recipe_is_the_measured_one():
     p = load_config(PretrainConfig, CONFIGS / "pretrain" / "dlpfc.yaml")
     assert b.normalize.scale and b.normalize.n_pcs == 50 and not b.patches.enabled
     assert p.model.conv == "gcn" and not p.model.use_genes and not p.model.residual
+    assert p.model.expr_hidden_dim == 0 and not p.model.norm and p.train.min_lr_ratio == 1.0
     assert p.objectives.local_global > 0 and p.objectives.reconstruction > 0
     assert p.objectives.masked_expression == 0 and p.objectives.contrastive == 0
     assert p.train.batch_spots >= 4992  # a whole Visium capture area is one tile
