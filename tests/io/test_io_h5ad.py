@@ -85,7 +85,12 @@ def test_read_slide(data_dir, monkeypatch):
     with pytest.raises(ConfigError, match="path is required"):
         read_slide(SlideSpec(name="x", format="h5ad"))
 
-    import tissuegraph.datasets as ds
+    import tissuegraph.datasets.simulate as sim
+    from tissuegraph import datasets
+
+    syn = SlideSpec(name="syn", format="synthetic", n_spots=123, seed=7)
+    with pytest.raises(ConfigError, match="datasets.read_slide"):
+        read_slide(syn)  # io reads files; it never imports datasets
 
     calls = {}
 
@@ -93,9 +98,13 @@ def test_read_slide(data_dir, monkeypatch):
         calls.update(n_spots=n_spots, seed=seed)
         return "slide"
 
-    monkeypatch.setattr(ds, "simulate_slide", fake, raising=False)
-    assert read_slide(SlideSpec(name="syn", format="synthetic", n_spots=123, seed=7)) == "slide"
+    monkeypatch.setattr(sim, "simulate_slide", fake)
+    assert datasets.read_slide(syn) == "slide"
     assert calls == {"n_spots": 123, "seed": 7}
+    a2 = datasets.read_slide(
+        SlideSpec(name="s1", format="visium", path=str(data_dir / "visium_toy"))
+    )
+    assert a2.n_obs == a.n_obs
 
 
 # ----------------------------------------------------------------------------- what X holds

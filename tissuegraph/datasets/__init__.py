@@ -5,6 +5,7 @@
 - :func:`data_dir`, :func:`dlpfc`, :func:`dlpfc_labels`, :func:`dlpfc_sections`, :func:`her2st`,
   :func:`her2st_proportions`, :func:`priors_dir`: real public data resolved from
   ``$TISSUEGRAPH_DATA``.
+- :func:`read_slide`: one slide of a build config, simulated (``synthetic``) or read.
 """
 
 from .real import (
@@ -18,6 +19,7 @@ from .real import (
     her2st,
     her2st_proportions,
     priors_dir,
+    read_slide,
 )
 from .simulate import hex_lattice, simulate_slide
 
@@ -30,6 +32,7 @@ __all__ = [
     "her2st",
     "her2st_proportions",
     "priors_dir",
+    "read_slide",
     "DLPFC_SAMPLES",
     "DLPFC_STANDARD",
     "dlpfc_sections",

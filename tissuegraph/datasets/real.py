@@ -32,6 +32,7 @@ __all__ = [
     "her2st",
     "her2st_proportions",
     "priors_dir",
+    "read_slide",
 ]
 
 #: spatialLIBD DLPFC sections (10x Visium) known to the data folder layout.
@@ -228,3 +229,16 @@ def priors_dir() -> Path:
     ``read_pathways`` and ``read_ligand_receptor``.
     """
     return _need(data_dir() / "priors", "prior-knowledge folder")
+
+
+def read_slide(spec):
+    """One slide of a ``BuildConfig``: ``format: synthetic`` is simulated
+    (:func:`~tissuegraph.datasets.simulate_slide` with ``n_spots``, ``seed``), every other
+    format is read by :func:`tissuegraph.io.read_slide`."""
+    if str(getattr(spec, "format", "") or "").lower() == "synthetic":
+        from tissuegraph.datasets.simulate import simulate_slide
+
+        return simulate_slide(n_spots=int(spec.n_spots), seed=int(spec.seed))
+    from tissuegraph.io import read_slide as read_io
+
+    return read_io(spec)

@@ -159,9 +159,9 @@ def _fingerprint(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- reading
 def _read_spec(spec) -> object:
-    from tissuegraph import io
+    from tissuegraph.datasets import read_slide
 
-    return io.read_slide(spec)
+    return read_slide(spec)
 
 
 def _in_tissue(adata):

@@ -95,8 +95,8 @@ def read_slide(spec):
     """Read one slide of a ``BuildConfig`` (a :class:`tissuegraph.graph.config.SlideSpec`).
 
     ``spec.format``: ``visium`` (``path``, ``image_path``), ``st`` (``counts``, ``spots``,
-    ``image``, or ``path`` of an ST folder), ``h5ad`` (``path``), ``synthetic`` (``n_spots``,
-    ``seed``; calls :func:`tissuegraph.datasets.simulate_slide`).
+    ``image``, or ``path`` of an ST folder), ``h5ad`` (``path``). ``synthetic`` slides are
+    simulated by :func:`tissuegraph.datasets.read_slide`, which reads every other format here.
     """
     from tissuegraph.io._common import EXPRESSION, check_values
 
@@ -162,6 +162,8 @@ def read_slide(spec):
                 what="expression in X",
             )
         return adata
-    from tissuegraph.datasets import simulate_slide
-
-    return simulate_slide(n_spots=int(spec.n_spots), seed=int(spec.seed))
+    # synthetic: simulated, not read (io never imports datasets)
+    raise ConfigError(
+        f"slides[{name}].format = 'synthetic' is simulated, not read: use "
+        "tissuegraph.datasets.read_slide (build-graphs does)"
+    )
