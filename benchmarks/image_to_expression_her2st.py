@@ -169,18 +169,11 @@ def score(y: np.ndarray, yhat: np.ndarray, genes: Sequence[str]) -> dict:
 
 
 def _ridge_fit(z: np.ndarray, y: np.ndarray, alphas: Sequence[float]):
-    """Ridge solutions (with intercept) for every penalty, from one SVD.
+    """Ridge solutions (with intercept) for every penalty, from one SVD: the same solver as
+    tissuegraph's probe. Returns a list of ``(coef [D, G], intercept [G])``, one per alpha."""
+    from tissuegraph.train.probe import _ridge_path
 
-    Returns a list of ``(coef [D, G], intercept [G])``, one per alpha.
-    """
-    zm, ym = z.mean(0), y.mean(0)
-    u, sv, vt = np.linalg.svd(z - zm, full_matrices=False)
-    uty = u.T @ (y - ym)
-    out = []
-    for a in alphas:
-        coef = vt.T @ ((sv / (sv**2 + a))[:, None] * uty)
-        out.append((coef, ym - zm @ coef))
-    return out
+    return _ridge_path(z, y, alphas)
 
 
 class Probe:

@@ -321,32 +321,27 @@ class Trainer:
                 "no objective can be computed on these graphs (image terms need patches: "
                 "set objectives.masked_expression > 0 or build graphs with patches)"
             )
+        tiling = (cfg.train.batch_spots, self.model.n_layers)
+        where = dict(
+            seed=cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            val_fraction=cfg.train.val_fraction,
+        )
         if self.lazy:
             from tissuegraph.train.dataset import LazyTileSampler
 
             self.indices = None
             self.sampler = LazyTileSampler(
                 self.dataset,
-                cfg.train.batch_spots,
-                self.model.n_layers,
-                seed=cfg.seed,
-                rank=self.rank,
-                world_size=self.world_size,
-                val_fraction=cfg.train.val_fraction,
+                *tiling,
+                **where,
                 chunk_slides=cap,
                 max_val_tiles=cfg.train.max_eval_tiles,
             )
         else:
             self.indices = [SlideIndex(g, n) for g, n in zip(graphs, self.slide_names)]
-            self.sampler = TileSampler(
-                self.indices,
-                cfg.train.batch_spots,
-                self.model.n_layers,
-                seed=cfg.seed,
-                rank=self.rank,
-                world_size=self.world_size,
-                val_fraction=cfg.train.val_fraction,
-            )
+            self.sampler = TileSampler(self.indices, *tiling, **where)
         self.model.to(self.device)
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
