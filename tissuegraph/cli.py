@@ -169,6 +169,7 @@ def _predict(args) -> int:
         pseudo_spacing_um=args.spacing_um,
         microns_per_pixel=args.microns_per_pixel,
         min_gene_overlap=args.min_gene_overlap,
+        method=args.method,
     )
     io.write_h5ad(pred, args.out)
     print(f"wrote {args.out} ({pred.n_obs} spots x {pred.n_vars} genes predicted)")
@@ -301,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel size of a bare image (default: TIFF metadata, else 0.5 with a warning)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--method",
+        choices=("auto", "probe", "decoder"),
+        default="auto",
+        help="probe: the ridge probe stored at the end of pretraining; decoder: the model's "
+        "image-only decoder; auto (default): the probe when the checkpoint holds one",
+    )
     _min_gene_overlap(p)
     p.set_defaults(func=_predict)
 
