@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch_geometric.data import HeteroData
 
 from tissuegraph import __version__
+from tissuegraph._genes import match_ci
 from tissuegraph._utils import stable_hash
 from tissuegraph.errors import ConfigError, InputError
 from tissuegraph.graph import schema as S
@@ -351,10 +352,9 @@ def build_slide_graph(
 
     gene_ids = list(genes)
     if "gene_ids" in adata.var:
-        up = {}
-        for name, gid in zip(adata.var_names, adata.var["gene_ids"]):
-            up.setdefault(str(name).upper(), str(gid))
-        gene_ids = [up.get(gg.upper(), gg) for gg in genes]
+        ids = [str(gid) for gid in adata.var["gene_ids"]]
+        hit = match_ci(genes, adata.var_names)
+        gene_ids = [ids[hit[gg]] if gg in hit else gg for gg in genes]
     data.meta = {
         "schema_version": S.SCHEMA_VERSION,
         "slide": str(slide_name),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tissuegraph._genes import dedup_ci, upper_set
 from tissuegraph.errors import ConfigError, InputError
 from tissuegraph.graph.build import as_build_config
 from tissuegraph.graph.genes import as_csr, select_hvg
@@ -20,16 +21,6 @@ def _read_genes_file(path) -> list[str]:
         s = line.strip()
         if s and not s.startswith("#"):
             out.append(s.split()[0])
-    return out
-
-
-def _dedup(genes) -> list[str]:
-    seen, out = set(), []
-    for g in genes:
-        g = str(g)
-        if g.upper() not in seen:
-            seen.add(g.upper())
-            out.append(g)
     return out
 
 
@@ -56,7 +47,7 @@ def select_panel(adatas: dict, cfg) -> list[str]:
         genes = list(pc.genes or [])
         if pc.genes_file:
             genes += _read_genes_file(pc.genes_file)
-        genes = _dedup(genes)
+        genes = dedup_ci(genes)
         if not genes:
             raise ConfigError("panel.mode=list needs panel.genes or panel.genes_file")
         return genes
@@ -65,10 +56,10 @@ def select_panel(adatas: dict, cfg) -> list[str]:
     if pc.mode == "all":
         names = list(adatas)
         first = [str(g) for g in adatas[names[0]].var_names]
-        common = {g.upper() for g in first}
+        common = upper_set(first)
         for n in names[1:]:
-            common &= {str(g).upper() for g in adatas[n].var_names}
-        genes = _dedup(g for g in first if g.upper() in common)
+            common &= upper_set(adatas[n].var_names)
+        genes = dedup_ci(g for g in first if g.upper() in common)
         if not genes:
             raise InputError(f"panel.mode=all: no gene is shared by all slides {names}")
         return genes

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tissuegraph._genes import upper_index
 from tissuegraph.errors import InputError
 
 __all__ = ["PriorTables", "PriorEdges", "read_prior_tables", "prior_edges"]
@@ -127,9 +128,7 @@ def prior_edges(genes: list[str], tables: PriorTables, *, min_pathway_genes: int
     ``pathways_in_table``, ``pathways_kept``).
     """
     g = len(genes)
-    index: dict[str, int] = {}
-    for i, s in enumerate(genes):
-        index.setdefault(str(s).upper(), i)
+    index = upper_index(genes)
     cov: dict = {}
     empty2 = np.zeros((2, 0), dtype=np.int64)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tissuegraph._genes import match_positions
 from tissuegraph.errors import InputError, one_line
 from tissuegraph.io._common import as_path
 
@@ -269,16 +270,9 @@ def match_genes(table_genes: Iterable[str], panel: Sequence[str]) -> np.ndarray:
     -------
     int64 ``[len(table_genes)]``: index into ``panel``, ``-1`` where the symbol is absent.
     """
-    panel = [str(g) for g in panel]
     if len(panel) == 0:
         raise InputError("empty gene panel: nothing to match prior-knowledge genes to")
-    exact = {}
-    lower = {}
-    for i, g in enumerate(panel):
-        exact.setdefault(g, i)
-        lower.setdefault(g.upper(), i)
-    out = [exact.get(g, lower.get(g.upper(), -1)) for g in (str(t) for t in table_genes)]
-    return np.asarray(out, dtype=np.int64)
+    return np.asarray(match_positions(table_genes, panel), dtype=np.int64)
 
 
 def filter_to_panel(

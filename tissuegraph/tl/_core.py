@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph._genes import match_ci
 from tissuegraph.errors import InputError
 
 #: default obsm key of the tissuegraph spot embedding
@@ -128,15 +129,7 @@ def _plain(v):
 
 def match_genes_ci(query: Sequence[str], var_names: Sequence[str]) -> dict[str, int]:
     """Map each query symbol to its column in ``var_names`` (case-insensitive, first hit)."""
-    lookup: dict[str, int] = {}
-    for i, g in enumerate(var_names):
-        lookup.setdefault(str(g).upper(), i)
-    out = {}
-    for q in query:
-        j = lookup.get(str(q).upper())
-        if j is not None:
-            out[str(q)] = j
-    return out
+    return match_ci(query, var_names)
 
 
 def bh_adjust(p: np.ndarray) -> np.ndarray:

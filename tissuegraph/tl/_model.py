@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph._genes import count_ci
 from tissuegraph.errors import InputError
 from tissuegraph.tl._core import EMBED_KEY, check_adata, check_choice, store_params
 
@@ -56,8 +57,7 @@ _COUNT_MAX = 30.0
 
 def _gene_overlap(adata, genes: list[str]) -> int:
     """Panel genes found in ``adata.var_names`` (case-insensitive, as the graph builder)."""
-    names = {str(v).upper() for v in adata.var_names}
-    return sum(1 for g in genes if str(g).upper() in names)
+    return count_ci(genes, adata.var_names)
 
 
 def check_gene_overlap(adata, info: dict, func: str, min_gene_overlap: float) -> None:
@@ -72,8 +72,7 @@ def check_gene_overlap(adata, info: dict, func: str, min_gene_overlap: float) ->
         return
     hint = "use a checkpoint trained on this slide's genes, or lower min_gene_overlap"
     if "gene_ids" in adata.var:
-        ids = {str(v).upper() for v in adata.var["gene_ids"]}
-        k = sum(1 for g in genes if g.upper() in ids)
+        k = count_ci(genes, adata.var["gene_ids"])
         if k > n:
             hint = f"var['gene_ids'] match {k}: use them as var_names"
     raise InputError(
