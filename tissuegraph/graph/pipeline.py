@@ -96,13 +96,12 @@ def _worker_init() -> None:
 def _build_and_save(task: dict, adata=None) -> dict:
     """Read (if needed), build and save one slide; returns its manifest entry."""
     t0 = time.perf_counter()
-    cfg = as_build_config(task["cfg"])
-    spec = OmegaConf.merge(OmegaConf.structured(SlideSpec), task["spec"])
+    spec = _spec(task["spec"])
     if adata is None:
         adata = _read_slide(spec)
-    data = build_slide_graph(
+    data = build_slide_graph(  # converts the plain config once
         adata,
-        cfg,
+        task["cfg"],
         genes=task["genes"],
         slide_name=spec.name,
         slide_index=task["slide_index"],
