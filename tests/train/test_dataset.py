@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 
@@ -169,13 +165,7 @@ def test_bad_cache_size_and_too_many_ranks(corpus, tmp_path):
     assert str(corpus / m["slides"][1]["file"]) in str(info.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gloo_lazy_ranks_read_their_own_slides(corpus10, tmp_path):
+def test_ddp_gloo_lazy_ranks_read_their_own_slides(corpus10, tmp_path, torchrun_two):
     cfg = _cfg(corpus10, tmp_path / "run", max_steps=4, eval_every=0, max_cached_slides=3)
     script = tmp_path / "ddp.py"
     script.write_text(
@@ -193,23 +183,7 @@ def test_ddp_gloo_lazy_ranks_read_their_own_slides(corpus10, tmp_path):
                    "opened": opened}}, open("{tmp_path}/rank%d.json" % rank, "w"))
     """)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(script),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    w0, w1 = torchrun_two(script, tmp_path)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0["mine"]) == len(r1["mine"]) == 5 and not set(r0["mine"]) & set(r1["mine"])

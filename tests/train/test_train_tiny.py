@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -315,13 +314,7 @@ def test_nonfinite_loss_names_the_term(graph_dir, tmp_path, monkeypatch):
         pretrain(_cfg(graph_dir, tmp_path / "r", max_steps=3), progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gloo_two_processes_identical_weights(graph_dir, tmp_path):
+def test_ddp_gloo_two_processes_identical_weights(graph_dir, tmp_path, torchrun_two):
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -337,23 +330,7 @@ def test_ddp_gloo_two_processes_identical_weights(graph_dir, tmp_path):
         torch.save(torch.tensor(tr.sampler.epoch_tiles(0)[0][1]), "{tmp_path}/tile%d.pt" % rank)
     """)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(script),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    w0, w1 = torchrun_two(script, tmp_path)
     assert w0.keys() == w1.keys()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert not torch.equal(torch.load(tmp_path / "tile0.pt"), torch.load(tmp_path / "tile1.pt"))
@@ -481,7 +458,7 @@ def test_warmup_clamp_and_threads_under_two_local_ranks(
         Trainer(_cfg(graph_dir, tmp_path / "r", threads=-1))
 
 
-def test_ddp_interrupt_on_one_rank_stops_all(graph_dir, tmp_path):
+def test_ddp_interrupt_on_one_rank_stops_all(graph_dir, tmp_path, torchrun_two):
     """A signal seen by rank 1 alone stops both ranks after the same step; rank 0 writes."""
     script = tmp_path / "ddp_stop.py"
     script.write_text(
@@ -503,21 +480,7 @@ def test_ddp_interrupt_on_one_rank_stops_all(graph_dir, tmp_path):
             open("{tmp_path}/stopped%d" % rank, "w").write(str(exc.step))
     """)
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(script),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_two(script)
     assert (tmp_path / "stopped0").read_text() == (tmp_path / "stopped1").read_text() == "2"
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 2 and ck["world_size"] == 2 and len(ck["rng"]) == 2
