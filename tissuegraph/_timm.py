@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tissuegraph.errors import ConfigError, InputError
+from tissuegraph.errors import ConfigError, InputError, one_line
 
 __all__ = ["check_timm_name", "create_backbone"]
 
@@ -75,7 +75,7 @@ def create_backbone(
             state = timm.models.load_state_dict(str(p), use_ema=True, weights_only=True)
         except Exception as exc:
             raise InputError(
-                f"cannot read image encoder weights {p}: {str(exc).splitlines()[0][:200]}"
+                f"cannot read image encoder weights {p}: {one_line(exc, limit=200)}"
             ) from exc
         clf = model.pretrained_cfg.get("classifier") or "fc"
         clf = [clf] if isinstance(clf, str) else list(clf)

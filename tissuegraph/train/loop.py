@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tissuegraph import __version__
 from tissuegraph._utils import set_torch_threads
 from tissuegraph.config import save_config, to_dict
-from tissuegraph.errors import ConfigError, InputError, TissueGraphError
+from tissuegraph.errors import ConfigError, InputError, TissueGraphError, one_line
 from tissuegraph.graph import schema as S
 from tissuegraph.nn.model import (
     build_model,
@@ -191,7 +191,7 @@ def _as_config(cfg) -> DictConfig:
             base, cfg if not isinstance(cfg, PretrainConfig) else OmegaConf.structured(cfg)
         )
     except Exception as exc:
-        raise ConfigError(f"invalid pretrain config: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"invalid pretrain config: {one_line(exc, limit=None)}") from exc
 
 
 def _validate(cfg: DictConfig) -> None:
