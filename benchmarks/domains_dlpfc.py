@@ -314,10 +314,10 @@ def train_tissuegraph(
 
 def check_checkpoint_slides(ckpt: Path, train: Sequence[str], heldout: Sequence[str]) -> None:
     """Leakage guard on the checkpoint: its recorded build config lists only ``train``."""
-    from tissuegraph.train.checkpoint import load_model
+    from tissuegraph.train.checkpoint import load
 
-    _, info = load_model(ckpt, device="cpu")
-    slides = [sl.get("name") for sl in (info.get("build_config") or {}).get("slides", [])]
+    build_config = load(ckpt, model=False).build_config
+    slides = [sl.get("name") for sl in (build_config or {}).get("slides", [])]
     leaked = sorted(set(slides) & set(heldout))
     if leaked:
         raise RuntimeError(f"leakage: checkpoint {ckpt} was pretrained on held-out {leaked}")

@@ -337,17 +337,17 @@ def predict_tissuegraph(
 def pretrained_embedding(section: Section, ckpt: Path) -> np.ndarray:
     """The pretrained model's image-side embedding of every spot (expression hidden)."""
     from tissuegraph.graph.pipeline import build_slide_graph
-    from tissuegraph.train.checkpoint import load_model
+    from tissuegraph.train.checkpoint import load
     from tissuegraph.train.infer import image_only_embedding
 
-    model, info = load_model(ckpt, device="cpu")
+    ck = load(ckpt, device="cpu")
     graph = build_slide_graph(
         image_only(section.adata),
-        info["build_config"],
-        genes=list(info["genes"]),
+        ck.build_config,
+        genes=ck.genes,
         slide_name=section.name,
     )
-    return image_only_embedding(model, graph, device="cpu")
+    return image_only_embedding(ck.model, graph, device="cpu")
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -462,9 +462,9 @@ def run_fold(
     best = last.parent / "best.pt"
     ckpt = best if best.is_file() else last
     check_checkpoint_slides(ckpt, names, [held.name])
-    import torch
+    from tissuegraph.train.checkpoint import load
 
-    step = int(torch.load(ckpt, weights_only=True, map_location="cpu")["step"])
+    step = load(ckpt, model=False).step
     base.update(
         panel_equals_probe_genes=list(manifest["genes"]) == list(genes),
         build_s=mb.seconds,

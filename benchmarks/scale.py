@@ -119,11 +119,11 @@ def worker(
     gc.collect()
 
     from tissuegraph.graph.storage import load_graph
-    from tissuegraph.train.checkpoint import load_model
+    from tissuegraph.train.checkpoint import load
     from tissuegraph.train.infer import embed_graph
 
     with measure() as m:
-        model, _ = load_model(ckpt, device="cpu")
+        model = load(ckpt, device="cpu").model
         data = load_graph(graphs / sl["file"])
         emb = embed_graph(model, data, kind="expression", batch_spots=batch_spots, device="cpu")
     stage("embed", m, dim=int(emb.shape[1]))

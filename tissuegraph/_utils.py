@@ -70,13 +70,29 @@ def progress_bar(*args, **kwargs):
     return tqdm(*args, **kwargs)
 
 
-def resolve_device(device=None):
-    """A ``torch.device``: ``"auto"`` (or ``None``) is CUDA when available, else the CPU."""
+def resolve_device(device=None, local_rank: int | None = None):
+    """A ``torch.device``: ``"auto"`` (or ``None``) is CUDA when available, else the CPU.
+
+    With ``local_rank`` (a distributed process), ``"auto"`` and an index-less ``"cuda"`` are
+    ``cuda:LOCAL_RANK``. The one place that asks whether CUDA is there.
+    """
     import torch
 
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        if not cuda_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if local_rank is None else f"cuda:{local_rank}")
+    dev = torch.device(device)
+    if local_rank is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def cuda_available() -> bool:
+    """Whether CUDA can be used."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def cpu_count() -> int:

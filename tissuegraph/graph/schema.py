@@ -42,6 +42,9 @@ order), ``genes`` (panel symbols), ``gene_ids``, ``pathways``, ``patch_sizes_um`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
 from tissuegraph.errors import InputError
 
 SCHEMA_VERSION = 1
@@ -131,39 +134,143 @@ def patch_types(data) -> list[str]:
     return sorted((t for t in data.node_types if is_patch(t)), key=patch_level)
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a graph (or tile) provides to the model, and what a model was built for.
+
+    Recorded per slide in the manifest (``slides[i]["data_spec"]``) and in every checkpoint
+    (``model_config["data_spec"]``) as the plain dict of :meth:`to_dict`. The fields that
+    must agree between slides and between a graph and a model are :attr:`MUST_MATCH`;
+    ``edge_types`` are joined across slides, and a graph may not bring edge types a model was
+    not trained with. The ``std_*`` fields are set by the trainer when the graphs carry
+    expression standardisation statistics (and written only then).
+    """
+
+    schema_version: int | None = None
+    n_genes: int | None = None
+    n_pathways: int | None = None
+    n_scales: int | None = None
+    patch_input: str | None = None  # "img", "feat" or None
+    crop_px: int | None = None
+    feat_dim: int | None = None
+    edge_types: tuple[tuple[str, ...], ...] = ()
+    std_scale: bool = False
+    std_pcs: int = 0
+    std_clip: float | None = None
+
+    #: the keys compared between slides and between a graph and a model
+    MUST_MATCH: ClassVar[tuple[str, ...]] = (
+        "schema_version",
+        "n_genes",
+        "n_pathways",
+        "n_scales",
+        "patch_input",
+        "crop_px",
+        "feat_dim",
+    )
+    _STD: ClassVar[tuple[str, ...]] = ("std_scale", "std_pcs", "std_clip")
+
+    @classmethod
+    def from_graph(cls, data) -> DataSpec:
+        """The spec of a ``HeteroData`` graph or tile."""
+        if SPOT not in data.node_types or X not in data[SPOT]:
+            raise InputError(
+                "graph has no spot nodes with expression 'x' (see tissuegraph.graph.schema)"
+            )
+        meta = getattr(data, "meta", None) or {}
+        patches = patch_types(data)
+        patch_input, crop_px, feat_dim = None, 0, 0
+        if patches:
+            p0 = data[patches[0]]
+            if IMG in p0:
+                patch_input, crop_px = "img", int(p0[IMG].shape[-1])
+            elif FEAT in p0:
+                patch_input, feat_dim = "feat", int(p0[FEAT].shape[-1])
+            else:
+                raise InputError(f"{patches[0]} nodes have neither 'img' nor 'feat'")
+        n_pw = _num_nodes(data, PATHWAY)
+        return cls(
+            schema_version=int(meta.get("schema_version", SCHEMA_VERSION)),
+            n_genes=int(data[SPOT][X].shape[1]),
+            n_pathways=int(n_pw or 0),
+            n_scales=len(patches),
+            patch_input=patch_input,
+            crop_px=crop_px,
+            feat_dim=feat_dim,
+            edge_types=tuple(tuple(et) for et in sorted(data.edge_types)),
+        )
+
+    @classmethod
+    def from_dict(cls, d) -> DataSpec:
+        """A spec from its dict (or a spec itself); absent keys read as ``None``."""
+        if isinstance(d, cls):
+            return d
+        kw = {k: d.get(k) for k in cls.MUST_MATCH}
+        kw["edge_types"] = tuple(sorted(tuple(e) for e in d.get("edge_types") or ()))
+        if d.get("std_scale"):
+            kw.update(std_scale=True, std_pcs=int(d.get("std_pcs") or 0), std_clip=d["std_clip"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """The JSON-serialisable dict recorded in manifests and checkpoints."""
+        out = {k: getattr(self, k) for k in self.MUST_MATCH}
+        out["edge_types"] = [list(e) for e in self.edge_types]
+        if self.std_scale:
+            out.update({k: getattr(self, k) for k in self._STD})
+        return out
+
+    def with_standardization(self, std: dict | None) -> DataSpec:
+        """This spec with the ``std_*`` fields of a manifest's ``standardize`` record."""
+        if not std:
+            return self
+        return replace(
+            self, std_scale=True, std_pcs=int(std.get("n_pcs") or 0), std_clip=std["clip"]
+        )
+
+    @classmethod
+    def merge(cls, specs, names: list[str] | None = None) -> DataSpec:
+        """One spec for several slides: :attr:`MUST_MATCH` must agree; edge types are joined."""
+        specs = [cls.from_dict(s) for s in specs]
+        names = names or [str(i) for i in range(len(specs))]
+        first = specs[0]
+        for spec, name in zip(specs[1:], names[1:]):
+            for key in cls.MUST_MATCH:
+                a, b = getattr(spec, key), getattr(first, key)
+                if a != b:
+                    raise InputError(
+                        f"slide {name!r} differs from slide {names[0]!r} in {key} "
+                        f"({a} vs {b}): build all slides in one build-graphs run"
+                    )
+        ets = {e for s in specs for e in s.edge_types}
+        return replace(first, edge_types=tuple(sorted(ets)))
+
+    def check_fits(self, graph, *, what: str = "graph") -> None:
+        """Raise a one-line :class:`InputError` when ``graph`` (a spec) does not fit this
+        model's spec."""
+        graph = DataSpec.from_dict(graph)
+        for key in self.MUST_MATCH:
+            mine, theirs = getattr(self, key), getattr(graph, key)
+            if mine != theirs:
+                raise InputError(
+                    f"{what} does not match the model: {key} is {theirs} but the model was "
+                    f"built for {mine} (build the graph with the checkpoint's "
+                    "build config and panel)"
+                )
+        extra = set(graph.edge_types) - set(self.edge_types)
+        if extra:
+            raise InputError(
+                f"{what} has edge type(s) the model was not trained with: {sorted(extra)[:3]}"
+            )
+
+
 def data_spec(data) -> dict:
     """What a graph (or tile) provides to the model: panel size, patch input, edge types.
 
-    Returns a JSON-serialisable dict: ``schema_version``, ``n_genes``, ``n_pathways``,
-    ``n_scales``, ``patch_input`` (``"img"``, ``"feat"`` or ``None``), ``crop_px``,
-    ``feat_dim``, ``edge_types`` (sorted ``[src, rel, dst]`` lists).
+    Returns a JSON-serialisable dict (:meth:`DataSpec.to_dict`): ``schema_version``,
+    ``n_genes``, ``n_pathways``, ``n_scales``, ``patch_input`` (``"img"``, ``"feat"`` or
+    ``None``), ``crop_px``, ``feat_dim``, ``edge_types`` (sorted ``[src, rel, dst]`` lists).
     """
-    if SPOT not in data.node_types or X not in data[SPOT]:
-        raise InputError(
-            "graph has no spot nodes with expression 'x' (see tissuegraph.graph.schema)"
-        )
-    meta = getattr(data, "meta", None) or {}
-    patches = patch_types(data)
-    patch_input, crop_px, feat_dim = None, 0, 0
-    if patches:
-        p0 = data[patches[0]]
-        if IMG in p0:
-            patch_input, crop_px = "img", int(p0[IMG].shape[-1])
-        elif FEAT in p0:
-            patch_input, feat_dim = "feat", int(p0[FEAT].shape[-1])
-        else:
-            raise InputError(f"{patches[0]} nodes have neither 'img' nor 'feat'")
-    n_pw = _num_nodes(data, PATHWAY)
-    return {
-        "schema_version": int(meta.get("schema_version", SCHEMA_VERSION)),
-        "n_genes": int(data[SPOT][X].shape[1]),
-        "n_pathways": int(n_pw or 0),
-        "n_scales": len(patches),
-        "patch_input": patch_input,
-        "crop_px": crop_px,
-        "feat_dim": feat_dim,
-        "edge_types": sorted([list(et) for et in data.edge_types]),
-    }
+    return DataSpec.from_graph(data).to_dict()
 
 
 def _num_nodes(data, node_type: str) -> int:

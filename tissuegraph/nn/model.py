@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
 from tissuegraph._utils import atomic_path
-from tissuegraph.errors import ConfigError, InputError, one_line
+from tissuegraph.errors import ConfigError, one_line
 from tissuegraph.graph import schema as S
-from tissuegraph.graph.schema import data_spec
+from tissuegraph.graph.schema import DataSpec, data_spec
+from tissuegraph.nn import checkpoint as ckpt
 from tissuegraph.nn.config import FUSIONS, ModelConfig
 from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
 from tissuegraph.nn.gnn import EdgeType, HeteroGNN
@@ -114,56 +115,24 @@ def unwrap(model: nn.Module) -> nn.Module:
 def model_config(model: nn.Module) -> dict:
     """``{"name", "cfg", "data_spec"}``: everything needed to rebuild ``model``."""
     m = unwrap(model)
-    return {"name": m.registry_name, "cfg": dict(m.cfg), "data_spec": dict(m.data_spec)}
+    return {
+        ckpt.MC_NAME: m.registry_name,
+        ckpt.MC_CFG: dict(m.cfg),
+        ckpt.MC_DATA_SPEC: dict(m.data_spec),
+    }
 
 
 # ----------------------------------------------------------------------------- data spec
 def merge_data_specs(specs: list[dict], names: list[str] | None = None) -> dict:
-    """One spec for several slides: panel and patch input must agree; edge types are joined."""
-    names = names or [str(i) for i in range(len(specs))]
-    first = dict(specs[0])
-    for spec, name in zip(specs[1:], names[1:]):
-        for key in (
-            "schema_version",
-            "n_genes",
-            "n_pathways",
-            "n_scales",
-            "patch_input",
-            "crop_px",
-            "feat_dim",
-        ):
-            if spec[key] != first[key]:
-                raise InputError(
-                    f"slide {name!r} differs from slide {names[0]!r} in {key} "
-                    f"({spec[key]} vs {first[key]}): build all slides in one build-graphs run"
-                )
-    ets = {tuple(e) for s in specs for e in s["edge_types"]}
-    first["edge_types"] = sorted([list(e) for e in ets])
-    return first
+    """One spec for several slides: panel and patch input must agree; edge types are joined
+    (:meth:`~tissuegraph.graph.schema.DataSpec.merge`)."""
+    return DataSpec.merge(specs, names).to_dict()
 
 
 def check_data_spec(model_spec: dict, spec: dict, *, what: str = "graph") -> None:
-    """Raise a one-line :class:`InputError` when ``spec`` (a graph) does not fit the model."""
-    for key in (
-        "schema_version",
-        "n_genes",
-        "n_pathways",
-        "n_scales",
-        "patch_input",
-        "crop_px",
-        "feat_dim",
-    ):
-        if model_spec.get(key) != spec.get(key):
-            raise InputError(
-                f"{what} does not match the model: {key} is {spec.get(key)} but the model was "
-                f"built for {model_spec.get(key)} (build the graph with the checkpoint's "
-                "build config and panel)"
-            )
-    extra = {tuple(e) for e in spec["edge_types"]} - {tuple(e) for e in model_spec["edge_types"]}
-    if extra:
-        raise InputError(
-            f"{what} has edge type(s) the model was not trained with: {sorted(extra)[:3]}"
-        )
+    """Raise a one-line :class:`InputError` when ``spec`` (a graph) does not fit the model
+    (:meth:`~tissuegraph.graph.schema.DataSpec.check_fits`)."""
+    DataSpec.from_dict(model_spec).check_fits(spec, what=what)
 
 
 def edge_scalars(data: HeteroData) -> dict[EdgeType, Tensor]:
@@ -472,31 +441,16 @@ class TissueGraphModel(nn.Module):
 
 # ----------------------------------------------------------------------------- save/load
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a model or training checkpoint with ``torch.load(weights_only=True)``.
-
-    A missing file, a file the safe loader refuses, or one without ``model_config`` raises a
-    one-line :class:`InputError` (``"<path>: not a tissuegraph checkpoint: <reason>"``).
-    """
-    from tissuegraph.graph.storage import safe_load
-
-    p = Path(path)
-    obj = safe_load(p, "checkpoint")
-    if not isinstance(obj, dict):
-        raise InputError(
-            f"{p}: not a tissuegraph checkpoint: it holds a {type(obj).__name__}, not a dict"
-        )
-    if "model_config" not in obj:
-        raise InputError(
-            f"{p}: not a tissuegraph checkpoint: no 'model_config' (write it with "
-            "tissuegraph pretrain or tissuegraph.nn.save_model)"
-        )
-    return obj
+    """The raw dict of a model file or training checkpoint
+    (:func:`tissuegraph.nn.checkpoint.read`)."""
+    return ckpt.read(path)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``{"model_config", "state_dict"}`` (atomically); :func:`load_model` rebuilds it."""
+    """Write a model file (:func:`tissuegraph.nn.checkpoint.model_file`, atomically);
+    :func:`load_model` rebuilds it."""
     m = unwrap(model)
-    obj = {"model_config": model_config(m), "state_dict": m.state_dict()}
+    obj = ckpt.model_file(model_config(m), m.state_dict())
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -504,32 +458,12 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_model(path_or_obj, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from a file written by :func:`save_model` or a training checkpoint.
+    """Rebuild a model from a file written by :func:`save_model` or a training checkpoint
+    (a path or the dict read from one).
 
     Read with ``torch.load(weights_only=True)``; the image backbone is created without
     downloading weights (they are in the file). Returns the model in eval mode.
     """
     if isinstance(path_or_obj, dict):
-        obj, where = path_or_obj, "checkpoint"
-        if "model_config" not in obj:
-            raise InputError("checkpoint is not a tissuegraph checkpoint (no 'model_config')")
-    else:
-        obj, where = read_checkpoint(path_or_obj), str(path_or_obj)
-    mc = obj["model_config"]
-    state = obj.get("state_dict", obj.get("model"))
-    if state is None:
-        raise InputError(f"{where} holds no model weights")
-    model = build_model(mc["name"], mc["cfg"], mc["data_spec"], load_backbone_weights=False)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise InputError(
-            f"{where} does not match the model it describes: "
-            f"{str(exc).strip().splitlines()[-1].strip()[:200]}"
-        ) from exc
-    if missing or unexpected:
-        raise InputError(
-            f"{where} does not match the model it describes ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[:2]})"
-        )
-    return model.to(device).eval()
+        return ckpt.rebuild(path_or_obj, device)
+    return ckpt.load(path_or_obj, device).model

@@ -24,12 +24,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".bmp")
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
-    if device == "auto":
-        import torch
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"`` (as a string, for ``uns``)."""
+    from tissuegraph._utils import resolve_device as _resolve
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    return str(_resolve(device))
 
 
 def load_checkpoint(checkpoint, device: str, func: str):
@@ -42,11 +40,10 @@ def load_checkpoint(checkpoint, device: str, func: str):
             f"{func}: checkpoint {path} not found: run tissuegraph.train.loop.pretrain "
             "(tissuegraph pretrain) first"
         )
-    from tissuegraph.train.checkpoint import load_model
+    from tissuegraph.nn.checkpoint import load
 
-    model, info = load_model(path, device=device)
-    model.eval()
-    return model, info
+    ck = load(path, device)
+    return ck.model, ck.info()
 
 
 # ------------------------------------------------------------------ does the slide fit?

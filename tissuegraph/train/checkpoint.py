@@ -1,12 +1,7 @@
-"""Training checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+"""Training checkpoints: training state (RNG), written atomically.
 
-A checkpoint is a dict of tensors, dicts, lists and primitives only:
-``model`` (state dict), ``optimizer``, ``scheduler``, ``step``, ``rng`` (one entry per rank:
-python / numpy / torch / cuda states as lists and tensors), ``sampler`` (epoch, position),
-``config`` (the resolved PretrainConfig), ``model_config`` (``{"name", "cfg", "data_spec"}``),
-``build`` (``build_config``, ``genes``, ``pathways``, ``schema_version``, ``config_hash`` from
-the graphs' manifest), ``tissuegraph_version``, ``world_size``; after training with patches,
-``probe`` (the image -> expression ridge probe of :mod:`tissuegraph.train.probe`).
+The format (key names, the safe reader, :func:`load` and :class:`Checkpoint`) lives in
+:mod:`tissuegraph.nn.checkpoint` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -18,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tissuegraph._utils import atomic_path, file_hash
-from tissuegraph.nn.model import read_checkpoint as read_model_file
+from tissuegraph._utils import atomic_path, cuda_available
+from tissuegraph.nn.checkpoint import Checkpoint, load
+from tissuegraph.nn.checkpoint import read as read_checkpoint
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_model", "rng_state", "set_rng_state"]
+__all__ = [
+    "Checkpoint",
+    "load",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_model",
+    "rng_state",
+    "set_rng_state",
+]
 
 
 def rng_state() -> dict:
@@ -39,7 +43,7 @@ def rng_state() -> dict:
         ],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if cuda_available():
         out["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
     return out
 
@@ -52,7 +56,7 @@ def set_rng_state(state: dict) -> None:
         (name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and cuda_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -64,40 +68,17 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint with ``weights_only=True``; one-line :class:`InputError` on failure."""
-    return read_model_file(path)
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the pretrained model from a checkpoint.
+    """Rebuild the pretrained model from a checkpoint (:func:`load`).
 
     Returns
     -------
     model
         The model in eval mode on ``device``.
     info
-        ``build_config`` (dict), ``genes``, ``pathways``, ``config`` (the training config),
-        ``model_config``, ``step``, ``checkpoint_hash``, ``probe`` (``None`` when the
-        checkpoint has none).
+        :meth:`Checkpoint.info`: ``build_config`` (dict), ``genes``, ``pathways``,
+        ``config`` (the training config), ``model_config``, ``step``, ``checkpoint_hash``,
+        ``probe`` (``None`` when the checkpoint has none).
     """
-    from tissuegraph.nn.model import load_model as _load
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    obj = read_checkpoint(path)
-    state = obj.get("model", obj.get("state_dict"))
-    model = _load({"model_config": obj["model_config"], "state_dict": state}, device)
-    build = obj.get("build", {}) or {}
-    info = {
-        "build_config": build.get("build_config", {}),
-        "genes": list(build.get("genes", [])),
-        "pathways": list(build.get("pathways", [])),
-        "schema_version": build.get("schema_version"),
-        "config": obj.get("config", {}),
-        "model_config": obj["model_config"],
-        "step": int(obj.get("step", 0)),
-        "checkpoint_hash": file_hash(path),
-        "probe": obj.get("probe"),
-    }
-    return model, info
+    ck = load(path, device)
+    return ck.model, ck.info()

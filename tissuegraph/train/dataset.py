@@ -118,13 +118,12 @@ class SlideDataset:
         return list(self._cache)
 
 
-def manifest_data_spec(root, manifest: dict) -> dict:
+def manifest_data_spec(root, manifest: dict) -> S.DataSpec:
     """The merged data spec of a folder's slides, from the manifest's per-slide records.
 
     Manifests written before these were recorded fall back to opening each graph once (one
     at a time, so memory stays bounded)."""
     from tissuegraph.graph.storage import load_graph
-    from tissuegraph.nn.model import merge_data_specs
 
     root = Path(root)
     slides = manifest.get("slides") or []
@@ -133,7 +132,7 @@ def manifest_data_spec(root, manifest: dict) -> dict:
     for e in slides:
         spec = e.get("data_spec")
         if spec is None:
-            spec = S.data_spec(load_graph(root / e["file"], mmap=True))
+            spec = S.DataSpec.from_graph(load_graph(root / e["file"], mmap=True))
             opened += 1
         if panel and e.get("panel_hash") not in (None, panel):
             raise InputError(
@@ -149,7 +148,7 @@ def manifest_data_spec(root, manifest: dict) -> dict:
             root / S.MANIFEST,
             opened,
         )
-    return merge_data_specs(specs, names)
+    return S.DataSpec.merge(specs, names)
 
 
 class LazyTileSampler:

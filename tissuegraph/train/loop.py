@@ -27,18 +27,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tissuegraph import __version__
-from tissuegraph._utils import set_torch_threads
+from tissuegraph._utils import cuda_available, set_torch_threads
+from tissuegraph._utils import resolve_device as _resolve_device
 from tissuegraph.config import save_config, to_dict
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError, one_line
 from tissuegraph.graph import schema as S
-from tissuegraph.nn.model import (
-    build_model,
-    check_data_spec,
-    data_spec,
-    merge_data_specs,
-    model_config,
-)
-from tissuegraph.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tissuegraph.graph.schema import DataSpec
+from tissuegraph.nn import checkpoint as K
+from tissuegraph.nn.model import build_model, model_config
+from tissuegraph.train.checkpoint import Checkpoint, load, rng_state, save_checkpoint, set_rng_state
 from tissuegraph.train.config import PretrainConfig
 from tissuegraph.train.evaluate import evaluate
 from tissuegraph.train.objectives import MASKING_TERMS, TERMS, Objectives, apply_masks
@@ -122,21 +119,16 @@ class _StopOnSignal:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
-    if device == "auto":
-        return (
-            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        )
+    """``train.device``: ``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``
+    (:func:`tissuegraph._utils.resolve_device`); a CUDA device without CUDA is refused."""
     try:
-        dev = torch.device(device)
+        dev = _resolve_device(device, local_rank)
     except RuntimeError as exc:
         raise ConfigError(
             f"train.device={device!r} is not a device (auto, cpu, cuda, cuda:N)"
         ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and not cuda_available():
         raise ConfigError("train.device=cuda but CUDA is not available: use train.device=cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
     return dev
 
 
@@ -286,20 +278,19 @@ class Trainer:
         else:
             self.dataset = None
             self.manifest, graphs, self.slide_names = load_graph_dir(cfg.graphs)
-            spec = merge_data_specs([data_spec(g) for g in graphs], self.slide_names)
+            spec = DataSpec.merge([DataSpec.from_graph(g) for g in graphs], self.slide_names)
         std = self.manifest.get("standardize")  # fitted on the fit slides at build time
-        if std:
-            spec.update(std_scale=True, std_pcs=int(std.get("n_pcs") or 0), std_clip=std["clip"])
+        spec = spec.with_standardization(std)
         self.build_info = {
-            "build_config": self.manifest.get("build_config", {}),
-            "genes": list(self.manifest.get("genes", [])),
-            "pathways": list(self.manifest.get("pathways", [])),
-            "schema_version": self.manifest.get("schema_version"),
-            "config_hash": self.manifest.get("config_hash"),
+            K.BUILD_CONFIG: self.manifest.get("build_config", {}),
+            K.GENES: list(self.manifest.get("genes", [])),
+            K.PATHWAYS: list(self.manifest.get("pathways", [])),
+            K.SCHEMA_VERSION: self.manifest.get("schema_version"),
+            K.CONFIG_HASH: self.manifest.get("config_hash"),
         }
-        ckpt = None
+        ckpt: Checkpoint | None = None
         if resume:
-            ckpt = read_checkpoint(self.ckpt_path)
+            ckpt = load(self.ckpt_path, model=False)
             self._check_resume(ckpt, spec)
         elif self.ckpt_path.exists():
             raise ConfigError(
@@ -308,8 +299,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
-        model_cfg = ckpt["model_config"]["cfg"] if ckpt else cfg.model
-        self.model = build_model(None, model_cfg, spec, load_backbone_weights=ckpt is None)
+        model_cfg = ckpt.model_cfg if ckpt else cfg.model
+        self.model = build_model(
+            None, model_cfg, spec.to_dict(), load_backbone_weights=ckpt is None
+        )
         if std and ckpt is None:
             from tissuegraph.graph.standardize import standardization_tensors
 
@@ -361,16 +354,17 @@ class Trainer:
         self.step = 0
         self._rng_to_restore = None
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            same_world = int(ckpt.get("world_size", 1)) == self.world_size
-            samplers = ckpt.get("samplers") or []  # one per rank (lazy ranks differ)
+            raw = ckpt.raw
+            self.model.load_state_dict(ckpt.state_dict)
+            self.optimizer.load_state_dict(raw[K.OPTIMIZER])
+            self.scheduler.load_state_dict(raw[K.SCHEDULER])
+            same_world = ckpt.world_size == self.world_size
+            samplers = raw.get(K.SAMPLERS) or []  # one per rank (lazy ranks differ)
             self.sampler.load_state_dict(
-                samplers[self.rank] if same_world and self.rank < len(samplers) else ckpt["sampler"]
+                samplers[self.rank] if same_world and self.rank < len(samplers) else raw[K.SAMPLER]
             )
-            self.step = int(ckpt["step"])
-            rngs = ckpt.get("rng") or []
+            self.step = int(raw[K.STEP])
+            rngs = raw.get(K.RNG) or []
             if rngs:
                 self._rng_to_restore = (
                     rngs[self.rank] if same_world and self.rank < len(rngs) else rngs[0]
@@ -407,22 +401,21 @@ class Trainer:
             parts.append(enc.standardized(xa.to(self.device)).cpu())
         g[S.SPOT][S.Z] = torch.cat(parts)
 
-    def _check_resume(self, ckpt: dict, spec: dict) -> None:
+    def _check_resume(self, ckpt: Checkpoint, spec: DataSpec) -> None:
         where = str(self.ckpt_path)
-        build = ckpt.get("build", {}) or {}
-        if build.get("schema_version") != self.build_info["schema_version"]:
+        if ckpt.schema_version != self.build_info[K.SCHEMA_VERSION]:
             raise InputError(
-                f"{where} was trained on schema_version {build.get('schema_version')}, graphs "
-                f"have {self.build_info['schema_version']}"
+                f"{where} was trained on schema_version {ckpt.schema_version}, graphs "
+                f"have {self.build_info[K.SCHEMA_VERSION]}"
             )
-        if list(build.get("genes", [])) != self.build_info["genes"]:
+        if ckpt.genes != self.build_info[K.GENES]:
             raise InputError(
-                f"{where} was trained on a different gene panel ({len(build.get('genes', []))} "
-                f"genes) than graphs={self.cfg.graphs} ({len(self.build_info['genes'])}): "
+                f"{where} was trained on a different gene panel ({len(ckpt.genes)} "
+                f"genes) than graphs={self.cfg.graphs} ({len(self.build_info[K.GENES])}): "
                 "resume on graphs built with the same panel"
             )
-        check_data_spec(ckpt["model_config"]["data_spec"], spec, what=f"graphs={self.cfg.graphs}")
-        old = ckpt.get("config", {})
+        ckpt.data_spec.check_fits(spec, what=f"graphs={self.cfg.graphs}")
+        old = ckpt.config
         new = to_dict(self.cfg)
         for key in ("model", "objectives", "seed"):
             if not _same(old.get(key), new.get(key)):
@@ -458,18 +451,18 @@ class Trainer:
     def _checkpoint(self, path: Path, states: tuple[list, list]) -> None:
         rngs, samplers = states
         obj = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "rng": rngs,
-            "sampler": self.sampler.state_dict(),
-            "samplers": samplers,
-            "config": to_dict(self.cfg),
-            "model_config": model_config(self.model),
-            "build": self.build_info,
-            "tissuegraph_version": __version__,
-            "world_size": self.world_size,
+            K.MODEL: self.model.state_dict(),
+            K.OPTIMIZER: self.optimizer.state_dict(),
+            K.SCHEDULER: self.scheduler.state_dict(),
+            K.STEP: self.step,
+            K.RNG: rngs,
+            K.SAMPLER: self.sampler.state_dict(),
+            K.SAMPLERS: samplers,
+            K.CONFIG: to_dict(self.cfg),
+            K.MODEL_CONFIG: model_config(self.model),
+            K.BUILD: self.build_info,
+            K.VERSION: __version__,
+            K.WORLD_SIZE: self.world_size,
         }
         save_checkpoint(obj, path)
 

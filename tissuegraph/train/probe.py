@@ -205,7 +205,8 @@ def attach_probe(trainer) -> None:
     """Fit the probe for ``last.pt`` (and ``best.pt`` when written) and store it there."""
     import copy
 
-    from tissuegraph.train.checkpoint import read_checkpoint, save_checkpoint
+    from tissuegraph.nn import checkpoint as K
+    from tissuegraph.train.checkpoint import load, save_checkpoint
 
     if trainer.indices is not None:
         graphs = [ix.data for ix in trainer.indices]
@@ -227,17 +228,18 @@ def attach_probe(trainer) -> None:
     for path in paths:
         if not path.is_file():
             continue
-        obj = read_checkpoint(path)
+        ck = load(path, model=False)
         m = model
         if path != trainer.ckpt_path:
             m = copy.deepcopy(model)
-            m.load_state_dict(obj["model"])
+            m.load_state_dict(ck.state_dict)
         m.eval()
         probe = fit_on_graphs(
             m, graphs, max_spots=int(trainer.cfg.train.probe_max_spots), seed=int(trainer.cfg.seed)
         )
         probe["slides"] = names
-        obj["probe"] = probe
+        obj = ck.raw
+        obj[K.PROBE] = probe
         save_checkpoint(obj, path)
         log.info(
             "probe fitted on %d spots of %d slide(s) (alpha %.3g) -> %s",
