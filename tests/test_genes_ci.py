@@ -26,3 +26,18 @@ def test_routed_callers_agree():
     names = ["Abc", "ABC", "xyz"]
     assert match_genes(["ABC", "q"], names).tolist() == [1, -1]
     assert match_genes_ci(["ABC", "q"], names) == {"ABC": 0}
+
+
+def test_exact_last_wins_where_the_panel_lookup_kept_it():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from tissuegraph.graph.genes import panel_matrix
+
+    names = ["Abc", "Abc", "ABC", "xyz", "XYZ"]
+    assert match_positions(["Abc", "abc", "Xyz"], names) == [0, 0, 3]
+    assert match_positions(["Abc", "abc", "Xyz"], names, exact_wins="last") == [1, 0, 3]
+    x = sp.csr_matrix(np.arange(10, dtype=np.float32).reshape(2, 5))
+    m, missing = panel_matrix(x, names, ["Abc", "xyz", "nope"])
+    assert missing == ["nope"]
+    np.testing.assert_array_equal(m.toarray(), [[1, 3, 0], [6, 8, 0]])

@@ -1,7 +1,11 @@
 """Case-insensitive gene-symbol matching, one home for every layer (standard library only).
 
 Symbols are compared by ``str(symbol).upper()``; where a symbol occurs twice, the first
-occurrence wins.
+occurrence wins. One exception, kept so that graphs stay byte-identical across versions:
+the panel lookup of the graph builder (``graph.genes.panel_matrix``) takes the *last* of
+two identically spelled ``var_names`` for an exact match
+(``match_positions(..., exact_wins="last")``); its case-insensitive fallback still takes the
+first.
 """
 
 from __future__ import annotations
@@ -35,13 +39,22 @@ def match_ci(query: Iterable, names: Iterable) -> dict[str, int]:
     return out
 
 
-def match_positions(query: Iterable, names: Iterable) -> list[int]:
+def match_positions(query: Iterable, names: Iterable, *, exact_wins: str = "first") -> list[int]:
     """Position in ``names`` of each query symbol, ``-1`` where absent: an exact-case match
-    wins, else a case-insensitive one."""
+    wins, else a case-insensitive one (the first such name).
+
+    ``exact_wins``: which of two identically spelled names an exact match returns,
+    ``"first"`` or ``"last"`` (see the module docstring).
+    """
+    if exact_wins not in ("first", "last"):
+        raise ValueError(f"exact_wins must be 'first' or 'last', got {exact_wins!r}")
     names = [str(g) for g in names]
     exact: dict[str, int] = {}
     for i, g in enumerate(names):
-        exact.setdefault(g, i)
+        if exact_wins == "last":
+            exact[g] = i
+        else:
+            exact.setdefault(g, i)
     upper = upper_index(names)
     return [exact.get(q, upper.get(q.upper(), -1)) for q in (str(t) for t in query)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from tissuegraph._genes import match_positions
 from tissuegraph.errors import ConfigError, InputError
 
 __all__ = [
@@ -66,21 +67,12 @@ def normalize_counts(x, method: str = "log1p_cp10k", target_sum: float = 1e4) ->
 def panel_matrix(x: sp.csr_matrix, var_names, genes: list[str]) -> tuple[sp.csr_matrix, list[str]]:
     """Columns of ``x`` in panel order; panel genes absent from ``var_names`` become zeros.
 
-    Genes are matched exactly first, then case-insensitively. Returns the ``[N, G]`` CSR
-    matrix and the list of missing panel genes.
+    Genes are matched exactly first (the last of repeated ``var_names`` wins), then
+    case-insensitively (the first wins): :func:`tissuegraph._genes.match_positions`.
+    Returns the ``[N, G]`` CSR matrix and the list of missing panel genes.
     """
-    names = [str(v) for v in var_names]
-    exact = {g: i for i, g in enumerate(names)}
-    upper: dict[str, int] = {}
-    for i, g in enumerate(names):
-        upper.setdefault(g.upper(), i)
-    cols = np.full(len(genes), -1, dtype=np.int64)
-    missing = []
-    for j, g in enumerate(genes):
-        i = exact.get(g, upper.get(str(g).upper(), -1))
-        cols[j] = i
-        if i < 0:
-            missing.append(g)
+    cols = np.asarray(match_positions(genes, var_names, exact_wins="last"), dtype=np.int64)
+    missing = [g for g, i in zip(genes, cols) if i < 0]
     present = np.nonzero(cols >= 0)[0]
     if len(present) == len(genes) and np.array_equal(cols, np.arange(x.shape[1])):
         return x, missing  # the panel is the slide's gene list, in order

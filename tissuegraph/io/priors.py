@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tissuegraph._genes import match_positions
+from tissuegraph._genes import match_positions, upper_set
 from tissuegraph.errors import InputError, one_line
 from tissuegraph.io._common import as_path
 
@@ -361,7 +361,7 @@ def prior_coverage(
         genes_in_table = set()
         covered = set()
         for c in gene_cols:
-            genes_in_table |= {g.upper() for g in df[c]}
+            genes_in_table |= upper_set(df[c])
             covered |= set(idx[c][keep].tolist())
         report[name] = {
             "edges_total": int(len(df)),
