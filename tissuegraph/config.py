@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,26 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None, override
         src = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{src}{where}: {msg}") from exc
     return cfg  # type: ignore[return-value]
+
+
+def with_defaults(schema: type[T], cfg: Any = None, *, what: str | None = None) -> T:
+    """``schema``'s dataclass defaults <- ``cfg`` (a DictConfig, dict, ``schema`` instance or
+    ``None``): a structured (typed, validated) ``DictConfig``.
+
+    With ``what``, a config OmegaConf refuses raises a one-line :class:`ConfigError`
+    (``"invalid <what>: ..."``); without it, OmegaConf's own error propagates.
+    """
+    base = OmegaConf.structured(schema)
+    if cfg is None:
+        return base  # type: ignore[return-value]
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    try:
+        return OmegaConf.merge(base, cfg)  # type: ignore[return-value]
+    except Exception as exc:
+        if what is None:
+            raise
+        raise ConfigError(f"invalid {what}: {one_line(exc, limit=None)}") from exc
 
 
 def to_dict(cfg: Any) -> dict:

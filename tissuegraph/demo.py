@@ -51,11 +51,10 @@ class _Stages:
 
 def build_config(out_dir: Path, n_spots: int, seed: int, crop_px: int):
     """The demo's ``BuildConfig`` (as ``configs/build/demo.yaml``, sized for the demo)."""
-    from omegaconf import OmegaConf
-
+    from tissuegraph.config import with_defaults
     from tissuegraph.graph.config import BuildConfig, SlideSpec
 
-    cfg = OmegaConf.structured(BuildConfig)
+    cfg = with_defaults(BuildConfig)
     cfg.slides = [SlideSpec(name="synthetic", format="synthetic", n_spots=n_spots, seed=seed)]
     cfg.out_dir = str(out_dir / "graphs")
     cfg.seed = seed

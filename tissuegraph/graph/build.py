@@ -14,6 +14,7 @@ from torch_geometric.data import HeteroData
 from tissuegraph import __version__
 from tissuegraph._genes import match_ci
 from tissuegraph._utils import stable_hash
+from tissuegraph.config import with_defaults
 from tissuegraph.errors import ConfigError, InputError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.config import BuildConfig
@@ -47,12 +48,7 @@ PANEL_MODES = ("hvg", "list", "all")
 # ----------------------------------------------------------------------------- config
 def as_build_config(cfg) -> DictConfig:
     """A typed ``BuildConfig`` DictConfig from a DictConfig, a dataclass or a dict."""
-    base = OmegaConf.structured(BuildConfig)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.merge(base, cfg)
-    if isinstance(cfg, dict):
-        return OmegaConf.merge(base, OmegaConf.create(cfg))
-    return OmegaConf.merge(base, OmegaConf.structured(cfg))
+    return with_defaults(BuildConfig, cfg)
 
 
 def _plain(cfg) -> dict:

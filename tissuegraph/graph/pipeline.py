@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tissuegraph import __version__
 from tissuegraph._logging import logger
 from tissuegraph._utils import file_hash, stable_hash, write_json_atomic
+from tissuegraph.config import with_defaults
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.build import (  # noqa: F401  (re-exported: imported from here)
@@ -198,7 +199,7 @@ def build_graphs(
 
 
 def _spec(d: dict) -> DictConfig:
-    return OmegaConf.merge(OmegaConf.structured(SlideSpec), d)
+    return with_defaults(SlideSpec, d)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
 from tissuegraph._utils import atomic_path
-from tissuegraph.errors import ConfigError, one_line
+from tissuegraph.config import with_defaults
+from tissuegraph.errors import ConfigError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.schema import DataSpec, data_spec
 from tissuegraph.nn import checkpoint as ckpt
@@ -71,11 +72,7 @@ def list_models() -> list[str]:
 
 def resolve_model_config(cfg: Any) -> dict:
     """``ModelConfig`` defaults <- ``cfg`` (dataclass, DictConfig or dict), validated, as dict."""
-    base = OmegaConf.structured(ModelConfig)
-    try:
-        merged = OmegaConf.merge(base, cfg if cfg is not None else {})
-    except Exception as exc:
-        raise ConfigError(f"invalid model config: {one_line(exc, limit=None)}") from exc
+    merged = with_defaults(ModelConfig, cfg, what="model config")
     return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tissuegraph import __version__
 from tissuegraph._utils import cuda_available, set_torch_threads
 from tissuegraph._utils import resolve_device as _resolve_device
-from tissuegraph.config import save_config, to_dict
-from tissuegraph.errors import ConfigError, InputError, TissueGraphError, one_line
+from tissuegraph.config import save_config, to_dict, with_defaults
+from tissuegraph.errors import ConfigError, InputError, TissueGraphError
 from tissuegraph.graph import schema as S
 from tissuegraph.graph.schema import DataSpec
 from tissuegraph.nn import checkpoint as K
@@ -177,13 +177,7 @@ def load_graph_dir(path: str | os.PathLike) -> tuple[dict, list, list[str]]:
 
 
 def _as_config(cfg) -> DictConfig:
-    base = OmegaConf.structured(PretrainConfig)
-    try:
-        return OmegaConf.merge(
-            base, cfg if not isinstance(cfg, PretrainConfig) else OmegaConf.structured(cfg)
-        )
-    except Exception as exc:
-        raise ConfigError(f"invalid pretrain config: {one_line(exc, limit=None)}") from exc
+    return with_defaults(PretrainConfig, cfg, what="pretrain config")
 
 
 def _validate(cfg: DictConfig) -> None:
