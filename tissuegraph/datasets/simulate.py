@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._layout import slide_anndata
 from ..errors import InputError
 
 SPOT_DIAMETER_UM = 55.0
@@ -710,7 +711,6 @@ def simulate_slide(
       ``grn`` and ``pathways`` (dicts of ``source``/``target``/``weight`` lists, usable as
       prior tables), ``twin_niches``.
     """
-    import anndata as ad
 
     from .. import __version__
 
@@ -797,32 +797,7 @@ def simulate_slide(
     cell_types = [f"CT{i}" for i in range(n_cell_types)]
     niche_names = [f"niche{i}" for i in range(n_niches)]
     names = pd.Index([f"r{a}_c{b}" for a, b in zip(rows.tolist(), cols.tolist())])
-    obs = pd.DataFrame(
-        {
-            "in_tissue": np.ones(n_spots, dtype=np.int64),
-            "array_row": rows,
-            "array_col": cols,
-            "true_niche": pd.Categorical.from_codes(niche, categories=niche_names),
-            "true_n_cells": n_cells.astype(np.int64),
-            "total_counts_expected": libsize,
-        },
-        index=names,
-    )
-    var = pd.DataFrame(
-        {
-            "gene_ids": prog["gene_names"],
-            "is_tf": np.arange(n_genes) < n_tf,
-        },
-        index=pd.Index(prog["gene_names"]),
-    )
-    adata = ad.AnnData(X=X, obs=obs, var=var)
     spatial_um = np.stack([x_um, y_um], 1).astype(np.float64)
-    adata.obsm["spatial_um"] = spatial_um
-    adata.obsm["spatial"] = spatial_um / mpp
-    adata.obsm["true_proportions"] = pd.DataFrame(props, index=names, columns=cell_types)
-    adata.obsm["true_tf_activity"] = tf_activity.astype(np.float32)
-    adata.obsm["true_pathway_activity"] = path_act.astype(np.float32)
-
     images = {}
     scalefactors = {
         "spot_diameter_fullres": SPOT_DIAMETER_UM / mpp,
@@ -841,27 +816,44 @@ def simulate_slide(
         scalefactors["tissue_lowres_scalef"] = float(
             min(1.0, lowres_max_side / max(width_um / mpp, height_um / mpp))
         )
-    adata.uns["spatial"] = {
-        library_id: {
-            "images": images,
-            "scalefactors": scalefactors,
-            "metadata": {
-                "source": "tissuegraph.datasets.simulate_slide",
-                "chemistry_description": "synthetic Visium-like",
-                "software_version": f"tissuegraph {__version__}",
+    adata = slide_anndata(
+        X,
+        obs_names=names,
+        var_names=prog["gene_names"],
+        gene_ids=prog["gene_names"],
+        in_tissue=np.ones(n_spots, dtype=np.int64),
+        array_row=rows,
+        array_col=cols,
+        spatial_px=spatial_um / mpp,
+        spatial_um=spatial_um,
+        microns_per_pixel=mpp,
+        library_id=library_id,
+        platform="synthetic",
+        spot_diameter_um=SPOT_DIAMETER_UM,
+        spot_spacing_um=SPOT_SPACING_UM,
+        grid="hex",
+        image_path=None,
+        source=f"simulate_slide(n_spots={n_spots}, seed={int(seed)})",
+        images=images,
+        scalefactors=scalefactors,
+        metadata={
+            "source": "tissuegraph.datasets.simulate_slide",
+            "chemistry_description": "synthetic Visium-like",
+            "software_version": f"tissuegraph {__version__}",
+        },
+        extra_obs=pd.DataFrame(
+            {
+                "true_niche": pd.Categorical.from_codes(niche, categories=niche_names),
+                "true_n_cells": n_cells.astype(np.int64),
+                "total_counts_expected": libsize,
             },
-        }
-    }
-    adata.uns["tissuegraph"] = {
-        "library_id": library_id,
-        "platform": "synthetic",
-        "microns_per_pixel": mpp,
-        "spot_diameter_um": SPOT_DIAMETER_UM,
-        "spot_spacing_um": SPOT_SPACING_UM,
-        "grid": "hex",
-        "image_path": None,
-        "source": f"simulate_slide(n_spots={n_spots}, seed={int(seed)})",
-    }
+            index=names,
+        ),
+        extra_var=pd.DataFrame({"is_tf": np.arange(n_genes) < n_tf}),
+    )
+    adata.obsm["true_proportions"] = pd.DataFrame(props, index=names, columns=cell_types)
+    adata.obsm["true_tf_activity"] = tf_activity.astype(np.float32)
+    adata.obsm["true_pathway_activity"] = path_act.astype(np.float32)
     grn_src, grn_dst, grn_w = prog["grn"]
     mod_src, mod_dst, mod_w = prog["modules"]
     gn = np.asarray(prog["gene_names"])

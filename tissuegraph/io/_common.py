@@ -1,15 +1,15 @@
-"""Helpers shared by the readers: AnnData assembly, unique names, value checks, errors."""
+"""Helpers shared by the readers: value checks, errors (the AnnData layout and its
+constructor live in :mod:`tissuegraph._layout`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph._layout import make_unique  # noqa: F401 (re-exported)
 from tissuegraph.errors import InputError, one_line  # noqa: F401 (one_line: re-exported)
 
 PLATFORMS = ("visium", "visium_hd", "st", "synthetic")
@@ -25,35 +25,6 @@ def as_path(path: str | os.PathLike, what: str) -> Path:
     if not p.exists():
         raise InputError(f"{what} not found: {p} (check the path)")
     return p
-
-
-def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
-    """Make names unique like ``scanpy``/``anndata``'s ``var_names_make_unique``.
-
-    The first occurrence keeps its name; later duplicates get ``-1``, ``-2``, ... appended,
-    skipping suffixes that would collide with an existing name.
-    """
-    names = pd.Index([str(n) for n in names])
-    if names.is_unique:
-        return names
-    seen = set(names)
-    out = list(names)
-    counts: dict[str, int] = {}
-    first: set[str] = set()
-    for i, name in enumerate(names):
-        if name not in first:
-            first.add(name)
-            continue
-        k = counts.get(name, 0)
-        while True:
-            k += 1
-            cand = f"{name}{join}{k}"
-            if cand not in seen:
-                break
-        counts[name] = k
-        seen.add(cand)
-        out[i] = cand
-    return pd.Index(out)
 
 
 def sparse_index_problem(indptr, indices, n_major: int, n_minor: int) -> str | None:
@@ -159,79 +130,6 @@ def check_values(
         f"{source}: {int(bad.sum()):,} invalid value(s) in the {what} ({tally}); the first is "
         f"{kind} ({float(data[first]):g}) at spot {spot!r}, gene {gene!r}; {hint}"
     )
-
-
-def to_csr_float32(x) -> sp.csr_matrix:
-    """Counts as a ``csr_matrix`` of float32 with sorted indices."""
-    m = sp.csr_matrix(x, dtype=np.float32)
-    m.sum_duplicates()
-    m.sort_indices()
-    return m
-
-
-def build_anndata(
-    X,
-    *,
-    obs_names,
-    var_names,
-    gene_ids,
-    in_tissue,
-    array_row,
-    array_col,
-    spatial_px: np.ndarray,
-    microns_per_pixel: float,
-    library_id: str,
-    platform: str,
-    spot_diameter_um: float,
-    spot_spacing_um: float,
-    grid: str,
-    image_path: str | None,
-    source: str,
-    images: dict[str, np.ndarray],
-    scalefactors: dict[str, float],
-    metadata: dict[str, Any] | None = None,
-    extra_obs: pd.DataFrame | None = None,
-):
-    """Assemble the AnnData layout shared by every reader (see ``docs/io.md``)."""
-    import anndata as ad
-
-    X = to_csr_float32(X)
-    if X.shape[1] == 0:
-        raise InputError(f"{source}: zero genes were read; check the feature table of this slide")
-    if X.shape[0] == 0:
-        raise InputError(f"{source}: zero spots were read; check the barcodes / spot table")
-    obs = pd.DataFrame(index=pd.Index([str(b) for b in obs_names]))
-    obs["in_tissue"] = np.asarray(in_tissue, dtype=np.int64)
-    obs["array_row"] = np.asarray(array_row, dtype=np.int64)
-    obs["array_col"] = np.asarray(array_col, dtype=np.int64)
-    if extra_obs is not None:
-        for c in extra_obs.columns:
-            obs[c] = extra_obs[c].to_numpy()
-    var_names = make_unique(var_names)
-    var = pd.DataFrame(index=var_names)
-    var["gene_ids"] = pd.Index([str(g) for g in gene_ids]).to_numpy(dtype=object)
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-    spatial_px = np.asarray(spatial_px, dtype=np.float64)
-    adata.obsm["spatial"] = spatial_px
-    adata.obsm["spatial_um"] = spatial_px * float(microns_per_pixel)
-    adata.uns["spatial"] = {
-        library_id: {
-            "images": dict(images),
-            "scalefactors": {k: float(v) for k, v in scalefactors.items()},
-            "metadata": dict(metadata or {}),
-        }
-    }
-    adata.uns["tissuegraph"] = {
-        "library_id": library_id,
-        "platform": platform,
-        "microns_per_pixel": float(microns_per_pixel),
-        "spot_diameter_um": float(spot_diameter_um),
-        "spot_spacing_um": float(spot_spacing_um),
-        "grid": grid,
-        "image_path": None if image_path is None else str(image_path),
-        "source": str(source),
-    }
-    return adata
 
 
 def check_inside_image(

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tissuegraph._layout import slide_anndata
 from tissuegraph.errors import InputError
 from tissuegraph.io._common import (
     as_path,
-    build_anndata,
     check_inside_image,
     check_values,
     estimate_pixel_pitch,
@@ -171,7 +171,7 @@ def read_st(
     if library_id is None:
         library_id = counts.parent.name
     X = cdf.to_numpy(dtype=np.float32)
-    return build_anndata(
+    return slide_anndata(
         X,
         obs_names=sel.index,
         var_names=cdf.columns,

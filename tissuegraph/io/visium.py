@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph._layout import slide_anndata
 from tissuegraph.errors import InputError
 from tissuegraph.io._common import (
     as_path,
-    build_anndata,
     check_inside_image,
     check_values,
     estimate_pixel_pitch,
@@ -482,7 +482,7 @@ def read_visium(
     }
     if h5_library:
         metadata["library_id_in_matrix"] = h5_library
-    return build_anndata(
+    return slide_anndata(
         X,
         obs_names=bc,
         var_names=features["name"],

@@ -332,8 +332,7 @@ def pseudo_spots(
     ``obsm['spatial']`` (full-res px), ``obsm['spatial_um']``, ``uns['spatial']`` (the
     thumbnail as ``lowres``) and ``uns['tissuegraph']['image_path']``.
     """
-    from anndata import AnnData
-
+    from tissuegraph._layout import slide_anndata
     from tissuegraph.io.image import SlideImage
 
     path = Path(image_path)
@@ -369,38 +368,32 @@ def pseudo_spots(
     rr, cc, x, y = rr[inside], cc[inside], x[inside], y[inside]
     genes = list(genes or [])
     n = int(rr.size)
-    ad = AnnData(sp.csr_matrix((n, len(genes)), dtype=np.float32))
-    ad.obs_names = [f"{r}x{c}" for r, c in zip(rr, cc)]
-    ad.var_names = genes
-    ad.var["gene_ids"] = genes
-    ad.obs["in_tissue"] = 1
-    ad.obs["array_row"] = rr.astype(np.int64)
-    ad.obs["array_col"] = cc.astype(np.int64)
-    xy = np.column_stack([x, y]).astype(np.float64)
-    ad.obsm["spatial"] = xy
-    ad.obsm["spatial_um"] = xy * mpp
     lib = path.stem
-    ad.uns["spatial"] = {
-        lib: {
-            "images": {"lowres": thumb},
-            "scalefactors": {
-                "tissue_lowres_scalef": float(scale),
-                "spot_diameter_fullres": float(0.55 * spacing_um / mpp),
-            },
-            "metadata": {"source": str(path)},
-        }
-    }
-    ad.uns["tissuegraph"] = {
-        "library_id": lib,
-        "platform": "visium",
-        "microns_per_pixel": float(mpp),
-        "spot_diameter_um": float(0.55 * spacing_um),
-        "spot_spacing_um": float(spacing_um),
-        "grid": "hex",
-        "image_path": str(path),
-        "source": str(path),
-    }
-    return ad
+    return slide_anndata(
+        sp.csr_matrix((n, len(genes)), dtype=np.float32),
+        obs_names=[f"{r}x{c}" for r, c in zip(rr, cc)],
+        var_names=genes,
+        gene_ids=genes,
+        in_tissue=1,
+        array_row=rr,
+        array_col=cc,
+        spatial_px=np.column_stack([x, y]),
+        microns_per_pixel=mpp,
+        library_id=lib,
+        platform="visium",
+        spot_diameter_um=0.55 * spacing_um,
+        spot_spacing_um=spacing_um,
+        grid="hex",
+        image_path=str(path),
+        source=str(path),
+        images={"lowres": thumb},
+        scalefactors={
+            "tissue_lowres_scalef": scale,
+            "spot_diameter_fullres": 0.55 * spacing_um / mpp,
+        },
+        metadata={"source": str(path)},
+        allow_no_genes=True,
+    )
 
 
 def _panel_lognorm(adata, genes: list[str]) -> np.ndarray:
