@@ -14,19 +14,20 @@ Every slide tissuegraph hands out (the readers of :mod:`tissuegraph.io`, the sim
 ``uns[TISSUEGRAPH]``                          :data:`TISSUEGRAPH_KEYS` (scale and origin)
 ============================================  =============================================
 
-Standard library, numpy, pandas and scipy only at import time (anndata is imported by the
-constructor), so every layer may import the constants.
+Nothing but the standard library at import time (numpy, pandas, scipy and anndata are
+imported by the functions), so every layer, and the CLI, may import the constants.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
-import pandas as pd
-import scipy.sparse as sp
+from typing import TYPE_CHECKING, Any
 
 from tissuegraph.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
 
 # obsm
 SPATIAL = "spatial"  # full-resolution pixels (squidpy's key)
@@ -71,6 +72,8 @@ def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
     The first occurrence keeps its name; later duplicates get ``-1``, ``-2``, ... appended,
     skipping suffixes that would collide with an existing name.
     """
+    import pandas as pd
+
     names = pd.Index([str(n) for n in names])
     if names.is_unique:
         return names
@@ -96,6 +99,9 @@ def make_unique(names: pd.Index | list[str], join: str = "-") -> pd.Index:
 
 def to_csr_float32(x) -> sp.csr_matrix:
     """Counts as a ``csr_matrix`` of float32 with sorted indices."""
+    import numpy as np
+    import scipy.sparse as sp
+
     m = sp.csr_matrix(x, dtype=np.float32)
     m.sum_duplicates()
     m.sort_indices()
@@ -137,6 +143,8 @@ def slide_anndata(
     ``allow_no_genes``, raise an :class:`InputError` naming ``source``.
     """
     import anndata as ad
+    import numpy as np
+    import pandas as pd
 
     X = to_csr_float32(X)
     if X.shape[1] == 0 and not allow_no_genes:

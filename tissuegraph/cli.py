@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tissuegraph import __version__
+from tissuegraph import _layout as L
 from tissuegraph.errors import TissueGraphError, one_line
 
 EPILOG = "Configs are OmegaConf YAML; any field can be overridden as key=value after --config."
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", required=True, help=".h5ad, Space Ranger folder or ST folder")
     p.add_argument("--out", "-o", required=True, help="output .h5ad")
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
-    p.add_argument("--key", default="X_tissuegraph", help="obsm key to write")
+    p.add_argument("--key", default=L.EMBEDDING, help="obsm key to write")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _min_gene_overlap(p)
     p.set_defaults(func=_embed)
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output .h5ad")
     p.add_argument("--n-niches", type=int, default=None, help="number of niches (default: auto)")
     p.add_argument("--method", default="gmm", choices=["gmm", "kmeans", "leiden"])
-    p.add_argument("--use-rep", default="X_tissuegraph", help="obsm key to cluster")
+    p.add_argument("--use-rep", default=L.EMBEDDING, help="obsm key to cluster")
     p.add_argument("--figdir", default=None, help="folder for PNGs (default: beside --out)")
     p.set_defaults(func=_niches)
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch_geometric.data import HeteroData
 
 from tissuegraph import __version__
+from tissuegraph import _layout as L
 from tissuegraph._genes import match_ci
 from tissuegraph._utils import stable_hash
 from tissuegraph.config import with_defaults
@@ -159,7 +160,7 @@ def _read_slide(spec) -> object:
 
 # ----------------------------------------------------------------------------- one slide
 def _tg(adata) -> dict:
-    return dict(adata.uns.get("tissuegraph", {}) or {})
+    return dict(adata.uns.get(L.TISSUEGRAPH, {}) or {})
 
 
 def _microns_per_pixel(adata) -> float | None:
@@ -181,9 +182,9 @@ def _grid_kind(adata, rc: np.ndarray | None) -> str:
 
 def _has_image(adata) -> bool:
     tg = _tg(adata)
-    if tg.get("image_path"):
+    if tg.get(L.IMAGE_PATH):
         return True
-    for lib in (adata.uns.get("spatial", {}) or {}).values():
+    for lib in (adata.uns.get(L.SPATIAL, {}) or {}).values():
         if isinstance(lib, dict) and lib.get("images"):
             return True
     return False
@@ -389,7 +390,7 @@ def _add_patches(data: HeteroData, adata, pos_um: np.ndarray, cfg: DictConfig, p
     if not mpp:
         raise InputError("uns['tissuegraph']['microns_per_pixel'] is missing: cannot crop patches")
     spatial_px = (
-        np.asarray(adata.obsm["spatial"], dtype=np.float64) if "spatial" in adata.obsm else None
+        np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64) if L.SPATIAL in adata.obsm else None
     )
     enc = pc.encoder
     model = load_encoder(enc)[0] if enc.name else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tissuegraph import _layout as L
 from tissuegraph.errors import InputError
 
 __all__ = [
@@ -52,10 +53,10 @@ def library_scalefactors(adata, library_id: str | None = None) -> dict:
     The library is ``library_id``, else ``uns["tissuegraph"]["library_id"]``, else the only
     library. Several libraries and none named: ``{}``, unless all their scale factors agree.
     """
-    spatial = adata.uns.get("spatial") or {}
+    spatial = adata.uns.get(L.SPATIAL) or {}
     if not hasattr(spatial, "get"):
         return {}
-    lib = library_id or (adata.uns.get("tissuegraph") or {}).get("library_id")
+    lib = library_id or (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.LIBRARY_ID)
     if lib is not None and lib in spatial:
         return dict((spatial[lib] or {}).get("scalefactors") or {})
     found = [
@@ -83,13 +84,13 @@ def _visium_lattice_mpp(adata) -> float | None:
     """µm per pixel from the fit of pixel centres to Visium's hexagonal lattice (``None``
     without lattice coordinates, off a hexagonal lattice, or with too few spots)."""
     rc = array_rc(adata)
-    if rc is None or "spatial" not in adata.obsm or len(rc) < 3:
+    if rc is None or L.SPATIAL not in adata.obsm or len(rc) < 3:
         return None
     if grid_kind(adata, rc) != "hex":
         return None
     from tissuegraph.io._common import estimate_pixel_pitch
 
-    px = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    px = np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64)[:, :2]
     sel = np.arange(len(rc))
     if len(sel) > 200_000:
         sel = np.random.default_rng(0).choice(len(sel), 200_000, replace=False)
@@ -103,7 +104,7 @@ def microns_per_pixel(adata, library_id: str | None = None) -> float | None:
     """µm per full-resolution pixel: ``uns["tissuegraph"]["microns_per_pixel"]`` when set,
     else derived from the standard layout (see the module docstring); ``None`` when
     nothing gives it."""
-    mpp = _positive((adata.uns.get("tissuegraph") or {}).get("microns_per_pixel"))
+    mpp = _positive((adata.uns.get(L.TISSUEGRAPH) or {}).get(L.MICRONS_PER_PIXEL))
     if mpp:
         return mpp
     sf = library_scalefactors(adata, library_id)
@@ -124,13 +125,13 @@ def positions_um(adata, *, func: str | None = None) -> np.ndarray:
     Raises :class:`~tissuegraph.errors.InputError` (prefixed with ``func``) when neither
     gives µm.
     """
-    if "spatial_um" in adata.obsm:
-        return np.asarray(adata.obsm["spatial_um"], dtype=np.float64)
+    if L.SPATIAL_UM in adata.obsm:
+        return np.asarray(adata.obsm[L.SPATIAL_UM], dtype=np.float64)
     mpp = microns_per_pixel(adata)
-    if "spatial" in adata.obsm and mpp:
-        return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2] * mpp
+    if L.SPATIAL in adata.obsm and mpp:
+        return np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64)[:, :2] * mpp
     where = f"{func}: " if func else ""
-    what = "obsm['spatial']" if "spatial" not in adata.obsm else "the pixel size"
+    what = "obsm['spatial']" if L.SPATIAL not in adata.obsm else "the pixel size"
     raise InputError(
         f"{where}spot positions in µm unknown: {what} is missing (give obsm['spatial_um'], or "
         "obsm['spatial'] in full-resolution pixels with uns['spatial'][library_id]"
@@ -152,7 +153,7 @@ def array_rc(adata) -> np.ndarray | None:
 def grid_kind(adata, rc: np.ndarray | None) -> str:
     """``"hex"`` or ``"square"``: ``uns["tissuegraph"]["grid"]`` when set, else ``"hex"``
     when every spot has the same parity of ``row + col`` (Visium's doubled coordinates)."""
-    g = (adata.uns.get("tissuegraph") or {}).get("grid")
+    g = (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.GRID)
     if g in ("hex", "square"):
         return g
     if rc is not None and len(rc) and len(np.unique((rc[:, 0] + rc[:, 1]) % 2)) == 1:

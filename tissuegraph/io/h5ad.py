@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tissuegraph import _layout as L
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import InputError
 from tissuegraph.io._common import (
@@ -58,14 +59,14 @@ def read_h5ad(path: str | os.PathLike, *, expression: str | None = None):
         raise InputError(
             f"{path}: unreadable .h5ad ({one_line(exc)}); re-write it with anndata"
         ) from None
-    tg = adata.uns.get("tissuegraph")
+    tg = adata.uns.get(L.TISSUEGRAPH)
     if expression is None:
         recorded = tg.get("expression") if isinstance(tg, dict) else None
         expression = str(recorded) if recorded in EXPRESSION else "raw"
     _check_layout(adata, path, expression)
     if isinstance(tg, dict):
-        if "image_path" in tg and not tg["image_path"]:
-            tg["image_path"] = None
+        if L.IMAGE_PATH in tg and not tg[L.IMAGE_PATH]:
+            tg[L.IMAGE_PATH] = None
         tg["expression"] = expression
     return adata
 
@@ -105,7 +106,7 @@ def _check_layout(adata, path: Path, expression: str) -> None:
         v = pd.to_numeric(pd.Series(obs[key]), errors="coerce").to_numpy(dtype=np.float64)
         if not (np.isfinite(v) & (v == np.round(v))).all():
             raise InputError(f"{path}: obs[{key!r}] holds values that are not whole numbers")
-    for key in ("spatial", "spatial_um"):
+    for key in (L.SPATIAL, L.SPATIAL_UM):
         if key not in adata.obsm:
             continue
         xy = np.asarray(adata.obsm[key])

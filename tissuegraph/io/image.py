@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tissuegraph import _layout as L
 from tissuegraph.errors import InputError, one_line
 
 __all__ = [
@@ -716,20 +717,20 @@ def open_image(adata, *, library_id: str | None = None, prefer: str = "auto") ->
     :class:`SlideImage` in full-resolution pixel coordinates with ``microns_per_pixel`` from
     ``uns["tissuegraph"]`` (or ``55 / spot_diameter_fullres``).
     """
-    tg = dict(adata.uns.get("tissuegraph", {}) or {})
-    spatial = adata.uns.get("spatial", {}) or {}
-    lib = library_id or tg.get("library_id")
+    tg = dict(adata.uns.get(L.TISSUEGRAPH, {}) or {})
+    spatial = adata.uns.get(L.SPATIAL, {}) or {}
+    lib = library_id or tg.get(L.LIBRARY_ID)
     if lib not in spatial:
         lib = next(iter(spatial), None) if len(spatial) == 1 or lib is None else lib
     entry = spatial.get(lib, {}) if lib is not None else {}
     images = entry.get("images", {}) or {}
     sf = entry.get("scalefactors", {}) or {}
-    mpp = tg.get("microns_per_pixel")
+    mpp = tg.get(L.MICRONS_PER_PIXEL)
     if mpp is None and sf.get("spot_diameter_fullres"):
         mpp = 55.0 / float(sf["spot_diameter_fullres"])
     if prefer not in ("auto", "file", "hires", "lowres"):
         raise InputError(f"prefer={prefer!r}: expected 'auto', 'file', 'hires' or 'lowres'")
-    path = tg.get("image_path") or None
+    path = tg.get(L.IMAGE_PATH) or None
     if prefer in ("auto", "file") and path:
         if Path(path).is_file():
             return SlideImage.from_file(path, microns_per_pixel=mpp)

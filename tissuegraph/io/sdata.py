@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from tissuegraph import _layout as L
 from tissuegraph.errors import InputError, require
 
 __all__ = ["is_spatialdata", "read_spatialdata", "table_key_of", "to_spatialdata"]
@@ -240,7 +241,7 @@ def read_spatialdata(
     if table.n_obs == 0:
         raise InputError(f"{func}: table {key!r} has no rows")
     spots = _spots_from_shapes(sdata, table, coordinate_system, func)
-    if spots is None and "spatial" not in table.obsm:
+    if spots is None and L.SPATIAL not in table.obsm:
         raise InputError(
             f"{func}: table {key!r} annotates no shapes element and has no obsm['spatial']: "
             "the spot positions are unknown"
@@ -248,15 +249,15 @@ def read_spatialdata(
     region = (table.uns.get("spatialdata_attrs") or {}).get("region")
     adata = table.copy()
     adata.uns.pop("spatialdata_attrs", None)
-    tg_uns = dict(adata.uns.get("tissuegraph") or {})
+    tg_uns = dict(adata.uns.get(L.TISSUEGRAPH) or {})
     lib = str(
-        library_id or tg_uns.get("library_id") or (region if isinstance(region, str) else key)
+        library_id or tg_uns.get(L.LIBRARY_ID) or (region if isinstance(region, str) else key)
     )
     if spots is not None:
-        adata.obsm["spatial"] = spots[0]
+        adata.obsm[L.SPATIAL] = spots[0]
     else:
-        adata.obsm["spatial"] = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    old = dict((dict(adata.uns.get("spatial") or {})).get(lib) or {})
+        adata.obsm[L.SPATIAL] = np.asarray(table.obsm[L.SPATIAL], dtype=np.float64)[:, :2]
+    old = dict((dict(adata.uns.get(L.SPATIAL) or {})).get(lib) or {})
     scalefactors = {k: v for k, v in dict(old.get("scalefactors") or {}).items()}
     images = {}
     if spots is not None and not scalefactors.get("spot_diameter_fullres"):
@@ -265,7 +266,7 @@ def read_spatialdata(
     if picked is not None:
         images["hires"] = picked[1]
         scalefactors["tissue_hires_scalef"] = float(picked[2])
-    adata.uns["spatial"] = {
+    adata.uns[L.SPATIAL] = {
         lib: {
             "images": images,
             "scalefactors": scalefactors,
@@ -273,7 +274,7 @@ def read_spatialdata(
         }
     }
     if tg_uns:
-        adata.uns["tissuegraph"] = {**tg_uns, "library_id": lib}
+        adata.uns[L.TISSUEGRAPH] = {**tg_uns, L.LIBRARY_ID: lib}
     return adata
 
 
@@ -287,7 +288,7 @@ def _spot_diameter_px(adata, scalefactors: dict, func: str) -> float:
     from tissuegraph.graph.coords import VISIUM_SPOT_UM, microns_per_pixel
 
     mpp = microns_per_pixel(adata)
-    um = (adata.uns.get("tissuegraph") or {}).get("spot_diameter_um")
+    um = (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.SPOT_DIAMETER_UM)
     if um and mpp:
         return float(um) / mpp
     if scalefactors.get("spot_diameter_fullres"):
@@ -348,17 +349,17 @@ def to_spatialdata(
 
     if not isinstance(adata, AnnData):
         raise InputError(f"{func}: expected an AnnData, got {type(adata).__name__}")
-    if "spatial" not in adata.obsm:
+    if L.SPATIAL not in adata.obsm:
         raise InputError(f"{func}: obsm['spatial'] not found: read the slide with tissuegraph.io")
-    spatial = dict(adata.uns.get("spatial") or {})
-    lib = library_id or (adata.uns.get("tissuegraph") or {}).get("library_id")
+    spatial = dict(adata.uns.get(L.SPATIAL) or {})
+    lib = library_id or (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.LIBRARY_ID)
     if lib is None and len(spatial) == 1:
         lib = next(iter(spatial))
     lib = str(lib or "slide")
     entry = dict(spatial.get(lib) or {})
     scalefactors = dict(entry.get("scalefactors") or {})
     name = _element_name(lib)
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2]
+    xy = np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64)[:, :2]
     radius = 0.5 * _spot_diameter_px(adata, scalefactors, func)
     n = adata.n_obs
     shapes = ShapesModel.parse(
@@ -385,7 +386,7 @@ def to_spatialdata(
         )
     table = adata.copy()
     if entry:
-        table.uns["spatial"] = {
+        table.uns[L.SPATIAL] = {
             lib: {k: v for k, v in entry.items() if k != "images"},
             **{k: v for k, v in spatial.items() if k != lib},
         }

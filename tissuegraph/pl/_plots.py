@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tissuegraph import _layout as L
 from tissuegraph._utils import atomic_path
 from tissuegraph.errors import InputError
 from tissuegraph.tl._core import category_colors, default_palette
@@ -48,9 +49,9 @@ def palette(n: int) -> list[str]:
 
 
 def _library(adata, library_id):
-    spatial = adata.uns.get("spatial") or {}
+    spatial = adata.uns.get(L.SPATIAL) or {}
     if library_id is None:
-        library_id = (adata.uns.get("tissuegraph") or {}).get("library_id")
+        library_id = (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.LIBRARY_ID)
         if library_id not in spatial:
             library_id = next(iter(spatial), None)
     return library_id, spatial.get(library_id, {}) if library_id is not None else {}
@@ -71,7 +72,7 @@ def background(adata, library_id: str | None = None, max_side: int = 1200):
                 step = int(np.ceil(max(img.shape[:2]) / max_side))
                 return img[::step, ::step], float(s) / step
             return img, float(s)
-    path = (adata.uns.get("tissuegraph") or {}).get("image_path")
+    path = (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.IMAGE_PATH)
     if path and Path(path).is_file():
         from tissuegraph.io import open_image
 
@@ -116,9 +117,9 @@ def spatial_scatter(
     plt = _plt()
     from matplotlib.collections import EllipseCollection
 
-    if "spatial" not in adata.obsm:
+    if L.SPATIAL not in adata.obsm:
         raise InputError("pl: obsm['spatial'] not found: read the slide with tissuegraph.io")
-    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    xy = np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64)
     img, scale = background(adata, library_id) if image else (None, 1.0)
     if img is None:
         scale = 1.0

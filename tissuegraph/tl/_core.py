@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph import _layout as L
 from tissuegraph._genes import match_ci
 from tissuegraph.errors import InputError
 
 #: default obsm key of the tissuegraph spot embedding
-EMBED_KEY = "X_tissuegraph"
+EMBED_KEY = L.EMBEDDING
 #: default obs key of the niche labels
 NICHE_KEY = "tg_niche"
 

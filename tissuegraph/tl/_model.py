@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from tissuegraph import _layout as L
 from tissuegraph._genes import count_ci
 from tissuegraph.errors import InputError
 from tissuegraph.tl._core import EMBED_KEY, check_adata, check_choice, store_params
@@ -161,8 +162,8 @@ def graph_for_adata(adata, info: dict, *, slide_name: str | None = None, progres
     from tissuegraph.graph.pipeline import build_slide_graph
 
     cfg = _existing_priors(info.get("build_config") or {})
-    spatial = adata.uns.get("spatial") or {}
-    lib = (adata.uns.get("tissuegraph") or {}).get("library_id") or (
+    spatial = adata.uns.get(L.SPATIAL) or {}
+    lib = (adata.uns.get(L.TISSUEGRAPH) or {}).get(L.LIBRARY_ID) or (
         next(iter(spatial)) if len(spatial) == 1 else "slide"
     )
     return build_slide_graph(
@@ -513,7 +514,7 @@ def predict_expression(
             has_measured = src.n_vars > 0 and src.X is not None and src.X.sum() > 0
     else:
         check_adata(adata_or_image, func)
-        if "spatial" not in adata_or_image.obsm:
+        if L.SPATIAL not in adata_or_image.obsm:
             raise InputError(
                 f"{func}: obsm['spatial'] not found: read the slide with tissuegraph.io"
             )
@@ -532,8 +533,8 @@ def predict_expression(
         graph_src = AnnData(
             sp.csr_matrix((src.n_obs, len(genes)), dtype=np.float32),
             obs=src.obs.copy(),
-            obsm={k: np.asarray(src.obsm[k]) for k in ("spatial", "spatial_um") if k in src.obsm},
-            uns={k: src.uns[k] for k in ("spatial", "tissuegraph") if k in src.uns},
+            obsm={k: np.asarray(src.obsm[k]) for k in (L.SPATIAL, L.SPATIAL_UM) if k in src.obsm},
+            uns={k: src.uns[k] for k in (L.SPATIAL, L.TISSUEGRAPH) if k in src.uns},
         )
         graph_src.var_names = genes
     graph = graph_for_adata(graph_src, info)
@@ -559,14 +560,14 @@ def predict_expression(
     pred = np.asarray(pred, dtype=np.float32)
     out = AnnData(pred, obs=src.obs.copy())
     out.var_names = genes
-    for k in ("spatial", "spatial_um"):
+    for k in (L.SPATIAL, L.SPATIAL_UM):
         if k in src.obsm:
             out.obsm[k] = np.asarray(src.obsm[k])
-    for k in ("spatial", "tissuegraph"):
+    for k in (L.SPATIAL, L.TISSUEGRAPH):
         if k in src.uns:
             out.uns[k] = src.uns[k]
     # X holds predictions: written out, the file says so (read back as expression="normalized")
-    out.uns["tissuegraph"] = {**dict(out.uns.get("tissuegraph") or {}), "expression": "normalized"}
+    out.uns[L.TISSUEGRAPH] = {**dict(out.uns.get(L.TISSUEGRAPH) or {}), L.EXPRESSION: "normalized"}
     extra = {}
     if has_measured:
         measured = _panel_lognorm(src, genes)

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from tissuegraph import _layout as L
 from tissuegraph.errors import InputError
 from tissuegraph.tl._core import (
     EMBED_KEY,
@@ -329,7 +330,7 @@ def niches(
     if n_pcs is not None:
         n_pcs = check_int(n_pcs, "n_pcs", func)
     refine = check_int(refine, "refine", func, minimum=0)
-    if refine and "spatial" not in adata.obsm and "spatial_um" not in adata.obsm:
+    if refine and L.SPATIAL not in adata.obsm and L.SPATIAL_UM not in adata.obsm:
         raise InputError(f"{func}: refine needs spot positions (obsm['spatial'])")
     producer = "tissuegraph.tl.embed" if use_rep == EMBED_KEY else None
     x = require_obsm(adata, use_rep, func, producer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from tissuegraph import _layout as L
 from tissuegraph.errors import InputError
 from tissuegraph.tl._core import (
     check_adata,
@@ -32,12 +33,12 @@ def spot_coords(adata, func: str = "spatial_neighbors") -> tuple[np.ndarray, str
     try:
         return positions_um(adata, func=func), "um"
     except InputError:
-        if "spatial" not in adata.obsm:
+        if L.SPATIAL not in adata.obsm:
             raise InputError(
                 f"{func}: obsm['spatial'] not found: spot centres are needed (read the slide "
                 "with tissuegraph.io or scanpy / squidpy)"
             ) from None
-        return np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2], "px"
+        return np.asarray(adata.obsm[L.SPATIAL], dtype=np.float64)[:, :2], "px"
 
 
 def _nn_spacing(xy: np.ndarray) -> float:
