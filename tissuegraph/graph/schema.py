@@ -43,7 +43,7 @@ order), ``genes`` (panel symbols), ``gene_ids``, ``pathways``, ``patch_sizes_um`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tissuegraph.errors import InputError
 
@@ -227,6 +227,14 @@ class DataSpec:
             self, std_scale=True, std_pcs=int(std.get("n_pcs") or 0), std_clip=std["clip"]
         )
 
+    def mismatch(self, other: DataSpec) -> tuple[str, Any, Any] | None:
+        """The first :attr:`MUST_MATCH` field that differs: ``(key, self's, other's)``."""
+        for key in self.MUST_MATCH:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine != theirs:
+                return key, mine, theirs
+        return None
+
     @classmethod
     def merge(cls, specs, names: list[str] | None = None) -> DataSpec:
         """One spec for several slides: :attr:`MUST_MATCH` must agree; edge types are joined."""
@@ -234,13 +242,12 @@ class DataSpec:
         names = names or [str(i) for i in range(len(specs))]
         first = specs[0]
         for spec, name in zip(specs[1:], names[1:]):
-            for key in cls.MUST_MATCH:
-                a, b = getattr(spec, key), getattr(first, key)
-                if a != b:
-                    raise InputError(
-                        f"slide {name!r} differs from slide {names[0]!r} in {key} "
-                        f"({a} vs {b}): build all slides in one build-graphs run"
-                    )
+            if diff := spec.mismatch(first):
+                key, a, b = diff
+                raise InputError(
+                    f"slide {name!r} differs from slide {names[0]!r} in {key} "
+                    f"({a} vs {b}): build all slides in one build-graphs run"
+                )
         ets = {e for s in specs for e in s.edge_types}
         return replace(first, edge_types=tuple(sorted(ets)))
 
@@ -248,14 +255,13 @@ class DataSpec:
         """Raise a one-line :class:`InputError` when ``graph`` (a spec) does not fit this
         model's spec."""
         graph = DataSpec.from_dict(graph)
-        for key in self.MUST_MATCH:
-            mine, theirs = getattr(self, key), getattr(graph, key)
-            if mine != theirs:
-                raise InputError(
-                    f"{what} does not match the model: {key} is {theirs} but the model was "
-                    f"built for {mine} (build the graph with the checkpoint's "
-                    "build config and panel)"
-                )
+        if diff := graph.mismatch(self):
+            key, theirs, mine = diff
+            raise InputError(
+                f"{what} does not match the model: {key} is {theirs} but the model was "
+                f"built for {mine} (build the graph with the checkpoint's "
+                "build config and panel)"
+            )
         extra = set(graph.edge_types) - set(self.edge_types)
         if extra:
             raise InputError(
