@@ -164,3 +164,53 @@ def test_frozen_encoder_and_registry(graph):
         build_model("nope", SMALL, data_spec(graph))
     with pytest.raises(ConfigError, match="fusion"):
         build_model(None, _small(fusion="sideways"), data_spec(graph))
+
+
+def test_bilinear_head_equals_torch_bilinear():
+    import torch
+
+    from tissuegraph.nn.heads import Bilinear
+
+    for out in (1, 3):
+        a = Bilinear(8, 5, out)
+        b = torch.nn.Bilinear(8, 5, out)
+        b.load_state_dict(a.state_dict())
+        x, y = torch.randn(16, 8, requires_grad=True), torch.randn(16, 5)
+        torch.testing.assert_close(a(x, y), b(x, y), rtol=1e-5, atol=1e-5)
+        (ga,) = torch.autograd.grad(a(x, y).sum(), x)
+        (gb,) = torch.autograd.grad(b(x, y).sum(), x)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
+
+
+def test_gcn_normalisation_is_cached_per_graph_and_equals_pyg_gcnconv():
+    import torch
+    from torch_geometric.nn import GCNConv
+
+    from tissuegraph.graph import schema as S
+    from tissuegraph.nn.gnn import HeteroGNN
+
+    torch.manual_seed(0)
+    n, d = 30, 8
+    gnn = HeteroGNN([S.SPOT], [S.SPOT_NEAR_SPOT], d, 1, conv="gcn", residual=False, norm=False)
+    gnn.eval()
+    conv = gnn.layers[0].convs[S.SPOT_NEAR_SPOT]
+    ref = GCNConv(d, d, add_self_loops=True, normalize=True)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(n, d)
+
+    def graph():
+        ei = torch.randint(0, n, (2, 90))
+        return ei[:, ei[0] != ei[1]], torch.rand(int((ei[0] != ei[1]).sum())) + 0.5
+
+    for _ in range(2):  # a second graph is normalised anew, not served from the cache
+        ei, w = graph()
+        got = gnn({S.SPOT: x}, {S.SPOT_NEAR_SPOT: ei}, {S.SPOT_NEAR_SPOT: w})[S.SPOT]
+        want = gnn.act(ref(x, ei, w))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        cached = gnn._gcn_cache[3]
+        gnn({S.SPOT: x}, {S.SPOT_NEAR_SPOT: ei}, {S.SPOT_NEAR_SPOT: w.clone()})
+        assert gnn._gcn_cache[3] is cached  # same graph, equal weights: reused
+        w2 = w.clone()
+        w2[0] += 1.0
+        got2 = gnn({S.SPOT: x}, {S.SPOT_NEAR_SPOT: ei}, {S.SPOT_NEAR_SPOT: w2})[S.SPOT]
+        torch.testing.assert_close(got2, gnn.act(ref(x, ei, w2)), rtol=1e-5, atol=1e-5)

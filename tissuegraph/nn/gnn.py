@@ -13,8 +13,12 @@ All convolutions run on plain PyTorch (no pyg-lib / torch-sparse / torch-scatter
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv, GCNConv, GraphConv, HeteroConv, HGTConv, SAGEConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from tissuegraph.errors import ConfigError
 from tissuegraph.graph import schema as S
@@ -32,7 +36,8 @@ def _relation_conv(
         # symmetric-normalised propagation with self-loops on the spot graph (non-negative
         # proximity weights); GraphSAGE mean aggregation on every other relation
         if homogeneous:
-            return GCNConv(dim, dim, add_self_loops=True, normalize=True)
+            # normalised once per graph by HeteroGNN (self-loops, D^-1/2 A D^-1/2), not per call
+            return GCNConv(dim, dim, add_self_loops=False, normalize=False)
         return SAGEConv((dim, dim), dim, aggr="mean")
     if kind == "sage":
         return SAGEConv((dim, dim), dim, aggr="mean")
@@ -137,6 +142,29 @@ class HeteroGNN(nn.Module):
             )
         self.dropout = nn.Dropout(dropout)
         self.act = nn.GELU()
+        self._gcn_cache: tuple | None = None
+
+    def _gcn_normalized(self, ei: Tensor, w: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+        """The spot graph with self-loops and symmetric normalisation (``gcn_norm``).
+
+        Computed once per graph: every layer and pass of a step, and every step that trains
+        on the same tile (a one-tile slide), reuse it. The cache holds a weak reference to
+        the edge index with its version counter, and the edge weights by value, so a new or
+        modified graph is normalised anew.
+        """
+        key = (n, ei.device, ei._version)
+        c = self._gcn_cache
+        if (
+            c is not None
+            and c[0] == key
+            and c[1]() is ei
+            and (c[2] is None if w is None else c[2] is not None and torch.equal(c[2], w))
+        ):
+            return c[3]
+        out = gcn_norm(ei, w, n, improved=False, add_self_loops=True, dtype=torch.float32)
+        kept = None if w is None else w.detach().clone()
+        self._gcn_cache = (key, weakref.ref(ei), kept, out)
+        return out
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
@@ -165,6 +193,14 @@ class HeteroGNN(nn.Module):
                 kwargs["edge_weight_dict"] = sc
             else:
                 kwargs["edge_attr_dict"] = {et: s.view(-1, 1) for et, s in sc.items()}
+        if self.conv_kind == "gcn" and S.SPOT_NEAR_SPOT in eidx and S.SPOT in h:
+            w = kwargs.get("edge_weight_dict", {}).get(S.SPOT_NEAR_SPOT)
+            ei_n, w_n = self._gcn_normalized(eidx[S.SPOT_NEAR_SPOT], w, h[S.SPOT].shape[0])
+            eidx = {**eidx, S.SPOT_NEAR_SPOT: ei_n}
+            kwargs["edge_weight_dict"] = {
+                **kwargs.get("edge_weight_dict", {}),
+                S.SPOT_NEAR_SPOT: w_n,
+            }
         for layer, norms in zip(self.layers, self.norms):
             if self.conv_kind == "hgt":
                 out = layer(h, eidx)

@@ -24,6 +24,7 @@ from tissuegraph.nn.config import FUSIONS, ModelConfig
 from tissuegraph.nn.encoders import ExpressionEncoder, FeatureEncoder, ImageEncoder
 from tissuegraph.nn.gnn import EdgeType, HeteroGNN
 from tissuegraph.nn.heads import (
+    Bilinear,
     ExpressionDecoder,
     LocalisationHead,
     NeighbourDecoder,
@@ -289,7 +290,7 @@ class TissueGraphModel(nn.Module):
         # spatial-domain heads: DGI discriminator, masked-feature and reconstruction decoders
         # (targets: the standardised input z of the expression encoder)
         z_dim = self.expr_encoder.input_dim
-        self.discriminator = nn.Bilinear(d, d, 1)
+        self.discriminator = Bilinear(d, d, 1)
         self.feature_decoder = NeighbourDecoder(d, z_dim)
         self.recon_head = nn.Linear(d, z_dim)
         init = math.log(1 / 0.07)

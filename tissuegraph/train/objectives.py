@@ -278,7 +278,7 @@ def _standardized(m: nn.Module, spot, rows: Tensor) -> Tensor:
 
 def _neighbour_mean(h: Tensor, edge_index: Tensor) -> Tensor:
     src, dst = edge_index
-    agg = torch.zeros_like(h).index_add_(0, dst, h[src])
+    agg = torch.zeros_like(h).index_add_(0, dst, h.index_select(0, src))
     deg = torch.bincount(dst, minlength=h.shape[0]).clamp_min(1).to(h.dtype)
     return agg / deg[:, None]
 
