@@ -113,6 +113,9 @@ class Settings:
     n_hops: int = 3
     n_init: int = 10
     restarts: int = 5
+    #: ``tl.niches(scale=...)`` settings to cluster every representation with; the first is the
+    #: headline protocol (the library default), the others are reported beside it
+    scales: list[bool] = field(default_factory=lambda: [False, True])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     kind: str = "fused"
@@ -219,8 +222,9 @@ def aggregate(adata, rep: np.ndarray, n_hops: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- clustering / score
-def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
-    """``tl.niches(method="gmm", covariance_type="tied")`` on ``rep``; returns the labels."""
+def cluster(rep: np.ndarray, k: int, seed: int, n_init: int, scale: bool = False) -> np.ndarray:
+    """``tl.niches(method="gmm", covariance_type="tied", scale=scale)`` on ``rep``; returns the
+    labels."""
     from anndata import AnnData
 
     from tissuegraph import tl
@@ -235,6 +239,7 @@ def cluster(rep: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
         key_added="bench_niche",
         covariance_type="tied",
         n_init=n_init,
+        scale=scale,
         random_state=seed,
     )
     return np.asarray(tmp.obs["bench_niche"].astype(str))
@@ -255,14 +260,14 @@ def ari_labelled(pred: np.ndarray, truth) -> float:
     return float(adjusted_rand_score(t[ok].astype(str), np.asarray(pred)[ok]))
 
 
-def score_rep(rep, truth, *, k, seed, n_init, restarts) -> dict:
+def score_rep(rep, truth, *, k, seed, n_init, restarts, scale=False) -> dict:
     """Cluster ``rep`` with ``n_init`` starts (the reported ARI) and, to show the spread, with
     ``restarts`` single starts."""
     with measure() as mc:
-        labels = cluster(rep, k, seed, n_init)
-    out = {"ari": ari_labelled(labels, truth), "cluster_s": mc.seconds}
+        labels = cluster(rep, k, seed, n_init, scale)
+    out = {"ari": ari_labelled(labels, truth), "cluster_s": mc.seconds, "scale": bool(scale)}
     singles = [
-        ari_labelled(cluster(rep, k, 1000 * seed + r + 1, 1), truth) for r in range(restarts)
+        ari_labelled(cluster(rep, k, 1000 * seed + r + 1, 1, scale), truth) for r in range(restarts)
     ]
     if singles:
         out.update(
@@ -372,11 +377,21 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
             truth = test.adata.obs[TRUTH].to_numpy()
             k = n_domains(truth, s.k)
 
-            def scored(method, rep, seed, base=base, truth=truth, k=k) -> dict:
+            def scored(method, rep, seed, base=base, truth=truth, k=k) -> list[dict]:
                 rec = {**base, "method": method, "seed": seed, "dim": int(rep.shape[1])}
-                return rec | score_rep(
-                    rep, truth, k=k, seed=seed, n_init=s.n_init, restarts=s.restarts
-                )
+                return [
+                    rec
+                    | score_rep(
+                        rep,
+                        truth,
+                        k=k,
+                        seed=seed,
+                        n_init=s.n_init,
+                        restarts=s.restarts,
+                        scale=scale,
+                    )
+                    for scale in s.scales
+                ]
 
             with measure() as mtr:
                 z = pca.transform(log_expression(test.adata, panel))
@@ -389,12 +404,12 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                 reps["aggregation"] = (za, mp.seconds + mtr.seconds + ma.seconds, mp)
             for method, (rep, fit_s, mem) in reps.items():
                 for seed in s.seeds:
-                    rec = scored(method, rep, seed)
-                    rec.update(
-                        train_s=fit_s, total_s=fit_s + rec["cluster_s"], **mem.as_dict("fit_")
-                    )
-                    runs.append(rec)
-                    _log(rec)
+                    for rec in scored(method, rep, seed):
+                        rec.update(
+                            train_s=fit_s, total_s=fit_s + rec["cluster_s"], **mem.as_dict("fit_")
+                        )
+                        runs.append(rec)
+                        _log(rec)
             build_s = tg_info["build"]["seconds"] if tg_methods else 0.0
             for seed in s.seeds if tg_methods else []:
                 with measure() as me:
@@ -406,22 +421,22 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                     tg_reps["tissuegraph_agg"] = (emb_agg, ma.seconds)
                 for method in tg_methods:
                     rep, extra_s = tg_reps[method]
-                    rec = scored(method, rep, seed)
-                    pt = tg_info["pretrain"][seed]
-                    embed_s = me.seconds + extra_s
-                    rec.update(
-                        build_s=build_s,
-                        pretrain_s=pt["seconds"],
-                        embed_s=embed_s,
-                        train_s=build_s + pt["seconds"],
-                        total_s=build_s + pt["seconds"] + embed_s + rec["cluster_s"],
-                        steps=s.steps,
-                        patches=s.patches,
-                        panel_equals_baseline_panel=tg_info["panel_equals_baseline_panel"],
-                        **{f"fit_{k}": v for k, v in pt.items()},
-                    )
-                    runs.append(rec)
-                    _log(rec)
+                    for rec in scored(method, rep, seed):
+                        pt = tg_info["pretrain"][seed]
+                        embed_s = me.seconds + extra_s
+                        rec.update(
+                            build_s=build_s,
+                            pretrain_s=pt["seconds"],
+                            embed_s=embed_s,
+                            train_s=build_s + pt["seconds"],
+                            total_s=build_s + pt["seconds"] + embed_s + rec["cluster_s"],
+                            steps=s.steps,
+                            patches=s.patches,
+                            panel_equals_baseline_panel=tg_info["panel_equals_baseline_panel"],
+                            **{f"fit_{k}": v for k, v in pt.items()},
+                        )
+                        runs.append(rec)
+                        _log(rec)
     return runs
 
 
@@ -438,7 +453,7 @@ def panel_size(s: Settings) -> int:
 def _log(rec: dict) -> None:
     print(
         f"  {rec['protocol']:<11} {rec['train']}->{rec['test']} {rec['method']:<12} "
-        f"seed {rec['seed']}: ARI {rec['ari']:.3f} "
+        f"seed {rec['seed']}{' scale' if rec.get('scale') else ''}: ARI {rec['ari']:.3f} "
         f"(restarts {rec.get('restart_min', float('nan')):.3f}-{rec.get('restart_max', float('nan')):.3f}) "
         f"train {rec.get('train_s', 0):.1f}s",
         flush=True,
@@ -451,6 +466,7 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
         "protocol",
         "train → test",
         "method",
+        "clustering",
         f"ARI (mean ± sd, {len(s.seeds)} seed(s))",
         "single-start ARI range",
         "train s",
@@ -458,12 +474,17 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
     ]
     rows = []
     keys = []
-    for r in runs:
-        key = (r["protocol"], r["train"], r["test"], r["method"])
+
+    def key_of(r):
+        return (r["protocol"], r["train"], r["test"], r["method"], bool(r.get("scale", False)))
+
+    headline = bool(s.scales[0]) if s.scales else False
+    for r in sorted(runs, key=lambda r: bool(r.get("scale", False)) != headline):
+        key = key_of(r)
         if key not in keys:
             keys.append(key)
     for key in keys:
-        rs = [r for r in runs if (r["protocol"], r["train"], r["test"], r["method"]) == key]
+        rs = [r for r in runs if key_of(r) == key]
         lo = min((r.get("restart_min", np.nan) for r in rs), default=np.nan)
         hi = max((r.get("restart_max", np.nan) for r in rs), default=np.nan)
         rows.append(
@@ -471,6 +492,7 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
                 key[0],
                 f"{key[1]} → {key[2]}",
                 key[3],
+                "scale=True" if key[4] else "default (scale=False)",
                 fmt_mean_sd([r["ari"] for r in rs]),
                 f"{lo:.3f}–{hi:.3f}" if np.isfinite(lo) else "n/a",
                 round(mean_sd([r["train_s"] for r in rs])[0], 1),
@@ -484,14 +506,15 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
             for r in runs
             if r["method"] == method
             and r["protocol"] == protocol
+            and bool(r.get("scale", False)) == headline
             and (test is None or r["test"] == test)
         ]
         return mean_sd(v)[0] if v else None
 
     targets = []
-    agg_ctx = mean_of("aggregation", "per_section", "151673")
+    agg_ctx = mean_of("aggregation", "per_section")
     agg_txt = (
-        f"aggregation baseline in this run: {agg_ctx:.3f} on 151673; "
+        f"aggregation baseline in this run: {agg_ctx:.3f} (same mean, same clustering); "
         if agg_ctx is not None
         else ""
     )

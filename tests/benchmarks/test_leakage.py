@@ -162,12 +162,16 @@ def test_transfer_never_pretrains_on_heldout(two_synthetic, tmp_path, monkeypatc
         (a, b, m) for a, b in (("A", "B"), ("B", "A")) for m in dom.METHODS
     }
     per = [r for r in runs if r["protocol"] == "per_section"]
-    assert all(r["train"] == r["test"] for r in per) and len(per) == 2 * len(dom.METHODS)
+    assert all(r["train"] == r["test"] for r in per)
+    # every representation is clustered once per tl.niches(scale=...) setting
+    assert len(per) == 2 * len(dom.METHODS) * len(s.scales)
+    assert {r["scale"] for r in runs} == set(s.scales) == {False, True}
     for r in runs:
         assert -1.0 <= r["ari"] <= 1.0
         assert r["restart_min"] <= r["restart_max"]
     # the reduced run also renders: summary rows for every (protocol, direction, method)
     cols, rows, targets = dom.summarise(runs, s)
-    assert len(rows) == 4 * len(dom.METHODS) and len(targets) == 2 * len(dom.TG_METHODS)
-    agg = [r["ari"] for r in per if r["method"] == "aggregation"]
+    assert len(rows) == 4 * len(dom.METHODS) * len(s.scales)
+    assert len(targets) == 2 * len(dom.TG_METHODS)
+    agg = [r["ari"] for r in per if r["method"] == "aggregation" and not r["scale"]]
     assert np.mean(agg) > 0.2  # the simulated niches are spatially coherent
