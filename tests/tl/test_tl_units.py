@@ -123,3 +123,37 @@ def test_bad_inputs_name_the_fix(sim, tmp_path):
     a.obs["tg_niche"] = a.obs["true_niche"].astype(str).astype("category")
     _err(lambda: tl.explain(a, "99", checkpoint=ckpt), "niche '99' not found")
     _err(lambda: tl.measured_vs_predicted(a), "predict_expression")
+
+
+def test_niches_scale_follows_the_embedding_record(sim):
+    """scale=None standardises only a representation that tl.embed marked as LayerNorm-shaped."""
+    from types import SimpleNamespace
+
+    from tissuegraph.tl._model import scale_for_clustering
+
+    rng = np.random.default_rng(0)
+    a = sim.copy()
+    # one informative wide feature, many noisy narrow ones: scaling changes the clustering
+    z = np.c_[
+        10.0 * (a.obs["true_niche"].cat.codes.to_numpy()[:, None]), rng.normal(size=(a.n_obs, 8))
+    ]
+    a.obsm["X_rep"] = z.astype(np.float32)
+    tl.niches(a, n_niches=3, use_rep="X_rep", key_added="d")
+    assert a.uns["d"]["params"]["scale"] is False  # no record: centred only
+    a.uns["X_rep"] = {"scale_for_clustering": True}
+    tl.niches(a, n_niches=3, use_rep="X_rep", key_added="r")
+    assert a.uns["r"]["params"]["scale"] is True
+    tl.niches(a, n_niches=3, use_rep="X_rep", key_added="e", scale=False)
+    assert a.uns["e"]["params"]["scale"] is False  # an explicit value wins
+
+    graph = SimpleNamespace(node_types=["spot", "patch_0"])
+    linear = {"norm": False, "expr_hidden_dim": 0}
+    assert not scale_for_clustering(SimpleNamespace(cfg=linear, fuse=None), graph, "fused")
+    assert scale_for_clustering(SimpleNamespace(cfg=linear, fuse=object()), graph, "fused")
+    assert not scale_for_clustering(SimpleNamespace(cfg=linear, fuse=object()), graph, "expression")
+    assert scale_for_clustering(
+        SimpleNamespace(cfg={**linear, "norm": True}, fuse=None), graph, "fused"
+    )
+    assert scale_for_clustering(
+        SimpleNamespace(cfg={**linear, "expr_hidden_dim": 64}, fuse=None), graph, "fused"
+    )

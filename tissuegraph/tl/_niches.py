@@ -242,7 +242,7 @@ def niches(
     key_added: str = NICHE_KEY,
     n_init: int = 10,
     covariance_type: str = "tied",
-    scale: bool = False,
+    scale: bool | None = None,
     n_pcs: int | None = 50,
     k_range: tuple[int, int] = (2, 10),
     n_repeats: int = 5,
@@ -255,12 +255,14 @@ def niches(
 
     The representation ``obsm[use_rep]`` is centred, optionally standardised per feature
     (``scale``), and reduced to ``n_pcs`` principal components (when wider). By default it is
-    not standardised: on DLPFC (``benchmarks/domains_dlpfc.py``, 5 seeds, 151673 / 151674)
-    standardising inflated low-variance, noisy components and lowered or destabilised every
-    representation: the tissuegraph embedding 0.594 / 0.581 unscaled vs 0.597 / 0.551
-    scaled (seed sd on 151674 0.027 vs 0.047), PCA + neighbour aggregation 0.583 / 0.577 vs
-    0.520 / 0.602, PCA 0.471 / 0.418 vs 0.469 / 0.328. ``scale=True`` suits embeddings
-    whose dimensions have unrelated units. ``gmm`` fits a Gaussian mixture with one
+    standardised only when :func:`embed` recorded that the embedding's features have no
+    meaningful scale (``uns[use_rep]['scale_for_clustering']``: a LayerNorm shapes them);
+    any other representation (PCA, :func:`aggregate_neighbors`, the norm-free GCN of the
+    DLPFC recipe) is left unscaled. On DLPFC (``benchmarks/domains_dlpfc.py``, 5 seeds,
+    151673 / 151674) standardising such representations inflated low-variance, noisy
+    components: the recipe's embedding 0.594 / 0.581 unscaled vs 0.597 / 0.551 scaled (seed
+    sd on 151674 0.027 vs 0.047), PCA + neighbour aggregation 0.583 / 0.577 vs 0.520 /
+    0.602, PCA 0.471 / 0.418 vs 0.469 / 0.328. ``gmm`` fits a Gaussian mixture with one
     shared full covariance (``covariance_type="tied"``, R mclust's EEE, as CellCharter)
     from ``n_init`` k-means initialisations, keeping the best likelihood: a single start
     makes the result swing by about 0.1 ARI. ``kmeans`` is k-means with ``n_init``
@@ -294,7 +296,8 @@ def niches(
     covariance_type
         GaussianMixture covariance (``"tied"``, ``"full"``, ``"diag"``, ``"spherical"``).
     scale
-        Standardise each feature before clustering (default ``False``, see above).
+        Standardise each feature before clustering; ``None`` (default): as recorded by
+        :func:`embed` for ``use_rep``, else ``False`` (see above).
     n_pcs
         Principal components kept after standardisation (``None``: all features).
     k_range
@@ -340,8 +343,11 @@ def niches(
     kmin, kmax = (int(k) for k in k_range)
     if not 2 <= kmin <= kmax:
         raise InputError(f"{func}: k_range must be (kmin, kmax) with 2 <= kmin <= kmax")
+    if scale is None:
+        rec = adata.uns.get(use_rep)
+        scale = bool(rec.get("scale_for_clustering", False)) if hasattr(rec, "get") else False
     adata = adata.copy() if copy else adata
-    xr = prepare_representation(x, n_pcs, random_state, scale=scale)
+    xr = prepare_representation(x, n_pcs, random_state, scale=bool(scale))
     extra: dict = {}
     if method == "leiden":
         labels, res, algorithm = _leiden_labels(xr, n_niches, resolution, random_state)
