@@ -114,7 +114,8 @@ class Settings:
     n_init: int = 10
     restarts: int = 5
     #: ``tl.niches(scale=...)`` settings to cluster every representation with; the first is the
-    #: headline protocol (the library default), the others are reported beside it
+    #: headline protocol (what tl.niches does by default with the recipe's embedding; every
+    #: method is clustered the same way), the others are reported beside it
     scales: list[bool] = field(default_factory=lambda: [False, True])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
@@ -492,7 +493,7 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
                 key[0],
                 f"{key[1]} → {key[2]}",
                 key[3],
-                "scale=True" if key[4] else "default (scale=False)",
+                "scale=True" if key[4] else "scale=False",
                 fmt_mean_sd([r["ari"] for r in rs]),
                 f"{lo:.3f}–{hi:.3f}" if np.isfinite(lo) else "n/a",
                 round(mean_sd([r["train_s"] for r in rs])[0], 1),

@@ -139,12 +139,12 @@ def test_niches_scale_follows_the_embedding_record(sim):
     ]
     a.obsm["X_rep"] = z.astype(np.float32)
     tl.niches(a, n_niches=3, use_rep="X_rep", key_added="d")
-    assert a.uns["d"]["params"]["scale"] is False  # no record: centred only
-    a.uns["X_rep"] = {"scale_for_clustering": True}
+    assert a.uns["d"]["params"]["scale"] is True  # no record: standardised, as before
+    a.uns["X_rep"] = {"scale_for_clustering": False}
     tl.niches(a, n_niches=3, use_rep="X_rep", key_added="r")
-    assert a.uns["r"]["params"]["scale"] is True
-    tl.niches(a, n_niches=3, use_rep="X_rep", key_added="e", scale=False)
-    assert a.uns["e"]["params"]["scale"] is False  # an explicit value wins
+    assert a.uns["r"]["params"]["scale"] is False  # the embedding's record
+    tl.niches(a, n_niches=3, use_rep="X_rep", key_added="e", scale=True)
+    assert a.uns["e"]["params"]["scale"] is True  # an explicit value wins
 
     graph = SimpleNamespace(node_types=["spot", "patch_0"])
     linear = {"norm": False, "expr_hidden_dim": 0}

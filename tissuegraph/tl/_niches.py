@@ -254,15 +254,17 @@ def niches(
     """Cluster spot embeddings into niches.
 
     The representation ``obsm[use_rep]`` is centred, optionally standardised per feature
-    (``scale``), and reduced to ``n_pcs`` principal components (when wider). By default it is
-    standardised only when :func:`embed` recorded that the embedding's features have no
-    meaningful scale (``uns[use_rep]['scale_for_clustering']``: a LayerNorm shapes them);
-    any other representation (PCA, :func:`aggregate_neighbors`, the norm-free GCN of the
-    DLPFC recipe) is left unscaled. On DLPFC (``benchmarks/domains_dlpfc.py``, 5 seeds,
-    151673 / 151674) standardising such representations inflated low-variance, noisy
-    components: the recipe's embedding 0.594 / 0.581 unscaled vs 0.597 / 0.551 scaled (seed
-    sd on 151674 0.027 vs 0.047), PCA + neighbour aggregation 0.583 / 0.577 vs 0.520 /
-    0.602, PCA 0.471 / 0.418 vs 0.469 / 0.328. ``gmm`` fits a Gaussian mixture with one
+    (``scale``), and reduced to ``n_pcs`` principal components (when wider). By default
+    (``scale=None``) an embedding written by :func:`embed` follows its record
+    ``uns[use_rep]['scale_for_clustering']``: standardised when a LayerNorm shapes its
+    features (their scales carry no meaning), only centred for the norm-free, linear-input
+    GCN of the DLPFC recipe, whose feature variances are signal. On DLPFC
+    (``benchmarks/domains_dlpfc.py``, 5 seeds) that embedding clusters 151673 / 151674 to
+    0.594 / 0.581 unscaled vs 0.597 / 0.551 scaled (seed sd on 151674 0.027 vs 0.047). Any
+    other representation is standardised unless ``scale=False`` is given; which is better
+    depends on how it was made: the benchmark's PCA + aggregation (scaled HVG panel, 30 PCs)
+    gives 0.583 / 0.577 unscaled vs 0.520 / 0.602 scaled, while :func:`aggregate_neighbors`
+    on its defaults clusters 151673 better scaled (about 0.53 vs 0.39). ``gmm`` fits a Gaussian mixture with one
     shared full covariance (``covariance_type="tied"``, R mclust's EEE, as CellCharter)
     from ``n_init`` k-means initialisations, keeping the best likelihood: a single start
     makes the result swing by about 0.1 ARI. ``kmeans`` is k-means with ``n_init``
@@ -297,7 +299,7 @@ def niches(
         GaussianMixture covariance (``"tied"``, ``"full"``, ``"diag"``, ``"spherical"``).
     scale
         Standardise each feature before clustering; ``None`` (default): as recorded by
-        :func:`embed` for ``use_rep``, else ``False`` (see above).
+        :func:`embed` for ``use_rep``, else ``True`` (see above).
     n_pcs
         Principal components kept after standardisation (``None``: all features).
     k_range
@@ -345,7 +347,7 @@ def niches(
         raise InputError(f"{func}: k_range must be (kmin, kmax) with 2 <= kmin <= kmax")
     if scale is None:
         rec = adata.uns.get(use_rep)
-        scale = bool(rec.get("scale_for_clustering", False)) if hasattr(rec, "get") else False
+        scale = bool(rec.get("scale_for_clustering", True)) if hasattr(rec, "get") else True
     adata = adata.copy() if copy else adata
     xr = prepare_representation(x, n_pcs, random_state, scale=bool(scale))
     extra: dict = {}
