@@ -214,3 +214,7 @@ def test_gcn_normalisation_is_cached_per_graph_and_equals_pyg_gcnconv():
         w2[0] += 1.0
         got2 = gnn({S.SPOT: x}, {S.SPOT_NEAR_SPOT: ei}, {S.SPOT_NEAR_SPOT: w2})[S.SPOT]
         torch.testing.assert_close(got2, gnn.act(ref(x, ei, w2)), rtol=1e-5, atol=1e-5)
+    # the cache is not model state: the module pickles, and the copy starts without it
+    import pickle
+
+    assert pickle.loads(pickle.dumps(gnn))._gcn_cache is None

@@ -154,17 +154,20 @@ class HeteroGNN(nn.Module):
         """
         key = (n, ei.device, ei._version)
         c = self._gcn_cache
-        if (
-            c is not None
-            and c[0] == key
-            and c[1]() is ei
-            and (c[2] is None if w is None else c[2] is not None and torch.equal(c[2], w))
-        ):
-            return c[3]
+        if c is not None and c[0] == key and c[1]() is ei:
+            kept = c[2]
+            if (kept is None) == (w is None) and (w is None or torch.equal(kept, w)):
+                return c[3]
         out = gcn_norm(ei, w, n, improved=False, add_self_loops=True, dtype=torch.float32)
-        kept = None if w is None else w.detach().clone()
-        self._gcn_cache = (key, weakref.ref(ei), kept, out)
+        self._gcn_cache = (key, weakref.ref(ei), None if w is None else w.detach().clone(), out)
         return out
+
+    def __getstate__(self):
+        # the cache (a weak reference, derived tensors) is not model state: pickling a
+        # module (torch.save(model), spawned workers) starts without it
+        state = super().__getstate__()
+        state["_gcn_cache"] = None
+        return state
 
     def reset_parameters(self) -> None:
         for layer in self.layers:
@@ -194,13 +197,12 @@ class HeteroGNN(nn.Module):
             else:
                 kwargs["edge_attr_dict"] = {et: s.view(-1, 1) for et, s in sc.items()}
         if self.conv_kind == "gcn" and S.SPOT_NEAR_SPOT in eidx and S.SPOT in h:
-            w = kwargs.get("edge_weight_dict", {}).get(S.SPOT_NEAR_SPOT)
-            ei_n, w_n = self._gcn_normalized(eidx[S.SPOT_NEAR_SPOT], w, h[S.SPOT].shape[0])
+            weights = dict(kwargs.get("edge_weight_dict", {}))
+            ei_n, weights[S.SPOT_NEAR_SPOT] = self._gcn_normalized(
+                eidx[S.SPOT_NEAR_SPOT], weights.get(S.SPOT_NEAR_SPOT), h[S.SPOT].shape[0]
+            )
             eidx = {**eidx, S.SPOT_NEAR_SPOT: ei_n}
-            kwargs["edge_weight_dict"] = {
-                **kwargs.get("edge_weight_dict", {}),
-                S.SPOT_NEAR_SPOT: w_n,
-            }
+            kwargs["edge_weight_dict"] = weights
         for layer, norms in zip(self.layers, self.norms):
             if self.conv_kind == "hgt":
                 out = layer(h, eidx)

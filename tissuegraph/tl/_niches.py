@@ -264,8 +264,9 @@ def niches(
     other representation is standardised unless ``scale=False`` is given; which is better
     depends on how it was made: the benchmark's PCA + aggregation (scaled HVG panel, 30 PCs)
     gives 0.583 / 0.577 unscaled vs 0.520 / 0.602 scaled, while :func:`aggregate_neighbors`
-    on its defaults clusters 151673 better scaled (about 0.53 vs 0.39). ``gmm`` fits a Gaussian mixture with one
-    shared full covariance (``covariance_type="tied"``, R mclust's EEE, as CellCharter)
+    on its defaults clusters 151673 better scaled (about 0.53 vs 0.39).
+
+    ``gmm`` fits a Gaussian mixture with one shared full covariance (``covariance_type="tied"``, R mclust's EEE, as CellCharter)
     from ``n_init`` k-means initialisations, keeping the best likelihood: a single start
     makes the result swing by about 0.1 ARI. ``kmeans`` is k-means with ``n_init``
     restarts; ``leiden`` clusters a 15-NN graph of the representation with scanpy's
