@@ -111,3 +111,20 @@ def test_torchrun_environment_selects_the_shard(tmp_path, monkeypatch, world, ca
     m = json.loads((out / S.MANIFEST).read_text())
     assert [e["name"] for e in m["slides"]] == [f"s{i}" for i in range(5)]
     capsys.readouterr()
+
+
+def test_tasks_carry_their_own_spec_not_the_whole_slide_list(tmp_path):
+    """The per-slide config is the build config without ``slides`` (a 1,000-slide build would
+    otherwise convert and pickle the whole list once per slide)."""
+    from tissuegraph.config import load_config
+    from tissuegraph.graph.config import BuildConfig
+    from tissuegraph.graph.pipeline import BuildPlan
+
+    cfg = load_config(BuildConfig, _config(tmp_path, tmp_path / "g"))
+    plan = BuildPlan.from_config(cfg, progress=False)
+    tasks, entries = plan.tasks()
+    assert [t["spec"]["name"] for t in tasks] == [f"s{i}" for i in range(5)] and not entries
+    assert all(t["cfg"]["slides"] == [] for t in tasks)
+    assert {k: v for k, v in tasks[0]["cfg"].items() if k != "slides"} == {
+        k: v for k, v in plan.plain.items() if k != "slides"
+    }

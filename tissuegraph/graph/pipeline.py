@@ -375,6 +375,9 @@ class BuildPlan:
         tasks, entries = [], {}
         mine = self.mine
         old_entries = {e["name"]: e for e in (self.old or {}).get("slides", [])}
+        # each task carries its own slide spec: the slide list stays out of the per-slide
+        # config (converting or pickling it per slide would cost O(slides) each)
+        slide_cfg = {**self.plain, "slides": []}
         for i, n in enumerate(self.names):
             if n in self.failures or n not in mine:
                 continue
@@ -400,7 +403,7 @@ class BuildPlan:
                 continue
             tasks.append(
                 {
-                    "cfg": self.plain,
+                    "cfg": slide_cfg,
                     "spec": spec,
                     "genes": self.genes,
                     "slide_index": i,
