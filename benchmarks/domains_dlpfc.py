@@ -44,8 +44,9 @@ are rows of the same table. They are per-section methods: under ``transfer`` the
 "not applicable". A peer that fails is recorded with ``status: failed`` and a one-line reason
 and the benchmark goes on. Embeddings are kept in ``--peer-cache`` (default: the work dir) and
 reused when the peer's version, the panel and ``run_peer.py`` are unchanged. ``--peers``
-chooses peers, ``--peer-seeds N`` runs them with fewer seeds (STAGATE takes about 10-15 min
-per section on one CPU thread), ``--peers-only`` skips tissuegraph and the baselines.
+chooses peers, ``--peer-seeds N`` runs them with fewer seeds (on one CPU thread a section
+takes STAGATE about 18 min and GraphST about 22), ``--peers-only`` skips tissuegraph and the
+baselines.
 
 The DLPFC folders hold only the 600 x 600 px lowres H&E (a 55 µm spot is about 4 px wide), so
 by default the graphs are built without image patches (expression, spot graph, gene nodes);
@@ -1025,7 +1026,8 @@ def main(argv=None) -> dict:
     notes = peer_notes(s, unavailable, peer_extra)
     notes.append(
         "ARI on labelled spots only; all in-tissue spots are clustered. Memory: peak RSS of the "
-        "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines)."
+        "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines, the "
+        "whole peer process for a peer)."
     )
     return finish(
         results_path(NAME, a.quick, a.out),
