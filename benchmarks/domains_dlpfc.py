@@ -31,19 +31,39 @@ EEE, with ``n_init`` k-means starts)
 ``aggregation``   the PCA above, concatenated with its means over the spots exactly 1, 2 and
                   3 hops away on the spot grid (CellCharter-style, ``tl.aggregate_neighbors``)
 
+Optional peers (published methods; never dependencies of tissuegraph)
+---------------------------------------------------------------------
+``STAGATE``, ``GraphST``, ``BANKSY``, ``CellCharter`` and ``novae`` run in a separate Python
+environment (``benchmarks/peers/README.md`` says how to make it) named by ``--peer-python`` or
+``$TISSUEGRAPH_PEER_PYTHON``; without one they are skipped with a note. For every section and
+seed of the ``per_section`` protocol, ``benchmarks/peers/run_peer.py`` runs the peer's own
+DLPFC recipe with its default hyper-parameters on the benchmark's gene panel in a subprocess
+and writes its embedding; the benchmark aligns it to the section's spots by barcode and
+clusters it exactly like the methods above (same GMM, same ``scale`` settings), so the peers
+are rows of the same table. They are per-section methods: under ``transfer`` they are marked
+"not applicable". A peer that fails is recorded with ``status: failed`` and a one-line reason
+and the benchmark goes on. Embeddings are kept in ``--peer-cache`` (default: the work dir) and
+reused when the peer's version, the panel and ``run_peer.py`` are unchanged. ``--peers``
+chooses peers, ``--peer-seeds N`` runs them with fewer seeds (on one CPU thread a section
+takes STAGATE about 18 min and GraphST about 22), ``--peers-only`` skips tissuegraph and the
+baselines.
+
 The DLPFC folders hold only the 600 x 600 px lowres H&E (a 55 µm spot is about 4 px wide), so
 by default the graphs are built without image patches (expression, spot graph, gene nodes);
 ``--patches`` adds the (upsampled) lowres patches and the image objectives.
 
-Run ``uv run python benchmarks/domains_dlpfc.py [--quick]``; results go to
-``benchmarks/results/domains_dlpfc.json`` (``domains_dlpfc_quick.json`` with ``--quick``).
+Run ``uv run python benchmarks/domains_dlpfc.py [--quick] [--peer-python PATH]``; results go
+to ``benchmarks/results/domains_dlpfc.json`` (``domains_dlpfc_quick.json`` with ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
+import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +97,11 @@ TITLE = "Spatial domains on DLPFC (ARI vs manual layers, K = 7)"
 METHODS = ("tissuegraph", "tissuegraph_agg", "pca", "aggregation")
 TG_METHODS = ("tissuegraph", "tissuegraph_agg")
 PROTOCOLS = ("per_section", "transfer")
-PEERS = {"STAGATE": "STAGATE_pyG", "GraphST": "GraphST", "CellCharter": "cellcharter"}
+#: published methods run by ``benchmarks/peers/run_peer.py`` in a separate environment
+PEERS = ("STAGATE", "GraphST", "BANKSY", "CellCharter", "novae")
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "run_peer.py"
+PEER_PYTHON_ENV = "TISSUEGRAPH_PEER_PYTHON"
+PEER_TIMEOUT_S = 3 * 3600
 TRUTH = "truth"
 
 FULL_SEEDS = 5
@@ -125,6 +149,16 @@ class Settings:
     pretrain_overrides: list[str] = field(default_factory=list)
     build_overrides: list[str] = field(default_factory=list)
     trace_python: bool = False
+    #: peers to run (per-section protocol only) and with which seeds (``None``: ``seeds``)
+    peers: list[str] = field(default_factory=list)
+    peer_seeds: list[int] | None = None
+    peer_python: str | None = None
+    peer_threads: int = 1
+    peer_timeout: float = PEER_TIMEOUT_S
+    #: ``None``: a ``peer_cache`` folder in the work directory
+    peer_cache: str | None = None
+    #: peer -> installed version (``run_peer.py --list``), filled by :func:`probe_peers`
+    peer_versions: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data
@@ -346,11 +380,224 @@ def embed_tissuegraph(section: Section, ckpt: Path, s: Settings) -> np.ndarray:
     return np.asarray(adata.obsm["X_tissuegraph"], dtype=np.float32)
 
 
+# ----------------------------------------------------------------------------- peers
+class PeerError(RuntimeError):
+    """A peer run that failed; the message is one line."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The last informative line of ``text`` (a traceback's exception line), shortened."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ("Error" in ln or "Exception" in ln) and ":" in ln]
+    line = (errors or lines or ["no output"])[-1]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def resolve_peer_python(arg: str | None) -> str | None:
+    """``--peer-python``, else ``$TISSUEGRAPH_PEER_PYTHON``, else ``None`` (no peers)."""
+    value = arg if arg else os.environ.get(PEER_PYTHON_ENV, "")
+    return value.strip() or None
+
+
+def _peer_env(threads: int) -> dict[str, str]:
+    """The environment of a peer process: this one's, without tissuegraph's interpreter
+    settings, with its thread count fixed."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")
+    }
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("MPLBACKEND", "Agg")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def probe_peers(python: str | None, timeout: float = 300) -> tuple[dict[str, str], str | None]:
+    """Installed peers of the peer environment (``run_peer.py --list``): ``({peer: version},
+    None)``, or ``({}, reason)`` when there is no usable peer environment."""
+    if not python:
+        return {}, (
+            f"no peer environment (--peer-python or ${PEER_PYTHON_ENV}); "
+            "see benchmarks/peers/README.md"
+        )
+    try:
+        proc = subprocess.run(
+            [python, str(PEER_SCRIPT), "--list"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_peer_env(1),
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {}, f"peer environment {python} unusable: {one_line(str(exc))}"
+    if proc.returncode != 0:
+        return {}, f"peer environment {python} unusable: {one_line(proc.stderr or proc.stdout)}"
+    try:
+        listed = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}, f"peer environment {python}: unreadable --list output"
+    return {k: str(v) for k, v in listed.items() if v}, None
+
+
+def select_peers(
+    requested: Sequence[str] | None, installed: dict[str, str]
+) -> tuple[list[str], list[str]]:
+    """Peers to run (``requested``, default: every installed one) and a note for each
+    requested peer that is not installed."""
+    wanted = list(PEERS) if requested is None else list(requested)
+    unknown = [p for p in wanted if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}: choose from {', '.join(PEERS)}")
+    run = [p for p in wanted if p in installed]
+    notes = [
+        f"{p} not run: not installed in the peer environment (optional peer)"
+        for p in wanted
+        if p not in installed and requested is not None
+    ]
+    return run, notes
+
+
+def peer_cache_key(peer: str, version: str, panel: Sequence[str], threads: int) -> str:
+    """What a cached peer result depends on besides section and seed: the panel, the peer's
+    version and the recipe (the text of ``run_peer.py``)."""
+    h = hashlib.sha1()
+    for part in (peer, version, "\n".join(panel), str(threads)):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(PEER_SCRIPT.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_peer_process(
+    python: str,
+    peer: str,
+    section_dir: str | os.PathLike,
+    genes_file: Path,
+    seed: int,
+    out: Path,
+    threads: int = 1,
+    timeout: float | None = PEER_TIMEOUT_S,
+) -> float:
+    """``run_peer.py`` in the peer environment; returns the wall time. Raises
+    :class:`PeerError` with a one-line reason."""
+    cmd = [
+        python,
+        str(PEER_SCRIPT),
+        "--peer",
+        peer,
+        "--section-dir",
+        str(section_dir),
+        "--genes",
+        str(genes_file),
+        "--seed",
+        str(seed),
+        "--threads",
+        str(threads),
+        "--out",
+        str(out),
+    ]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=_peer_env(threads)
+        )
+    except subprocess.TimeoutExpired:
+        raise PeerError(f"timed out after {timeout:.0f} s") from None
+    except OSError as exc:
+        raise PeerError(one_line(str(exc))) from None
+    if proc.returncode != 0:
+        raise PeerError(f"exit {proc.returncode}: {one_line(proc.stderr or proc.stdout)}")
+    if not out.exists():
+        raise PeerError("run_peer.py wrote no output")
+    return time.perf_counter() - t0
+
+
+def load_peer_result(path: str | os.PathLike) -> dict:
+    """A ``run_peer.py`` output: ``rep``, ``obs_names``, ``seconds``, ``version``, ``params``,
+    ``n_genes``, ``peak_rss_mb`` (of the peer process)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {
+            "rep": np.asarray(z["rep"], dtype=np.float32),
+            "obs_names": np.asarray(z["obs_names"]).astype(str),
+            "seconds": float(z["seconds"]),
+            "version": str(z["version"]),
+            "params": json.loads(str(z["params"])),
+            "n_genes": int(z["n_genes"]),
+            "peak_rss_mb": float(z["peak_rss_mb"]) if "peak_rss_mb" in z.files else None,
+        }
+
+
+def align_rep(rep: np.ndarray, obs_names: Sequence[str], spots: Sequence[str]) -> np.ndarray:
+    """Rows of ``rep`` (one per ``obs_names``) in the order of ``spots``; every spot must be
+    there once (spots the peer has beyond ``spots`` are dropped)."""
+    import pandas as pd
+
+    index = pd.Index([str(x) for x in obs_names])
+    if len(index) != len(rep):
+        raise ValueError(f"{len(rep)} embedding rows for {len(index)} barcodes")
+    if not index.is_unique:
+        raise ValueError(f"barcode {index[index.duplicated()][0]!r} occurs twice")
+    where = index.get_indexer([str(x) for x in spots])
+    missing = np.flatnonzero(where < 0)
+    if missing.size:
+        some = ", ".join(str(spots[i]) for i in missing[:3])
+        raise ValueError(f"{missing.size} of {len(spots)} spots not in the peer output ({some})")
+    return np.asarray(rep)[where]
+
+
+def peer_rep(
+    section: Section, peer: str, seed: int, panel: Sequence[str], s: Settings, cache: Path
+) -> tuple[np.ndarray, float, dict]:
+    """The peer's embedding of ``section`` aligned to its spots, from the cache or a fresh
+    run; returns ``(rep, seconds of the peer's own run, info)``. Raises :class:`PeerError`."""
+    version = s.peer_versions.get(peer, "unknown")
+    key = peer_cache_key(peer, version, panel, s.peer_threads)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{peer}_{section.name}_seed{seed}_{key}.npz"
+    panel_hash = hashlib.sha1("\n".join(panel).encode()).hexdigest()[:12]
+    genes = cache / f"panel_{section.name}_{panel_hash}.txt"
+    if not genes.exists():
+        genes.write_text("\n".join(panel) + "\n")
+    cached = out.exists()
+    wall = None
+    if not cached:
+        if not s.peer_python:
+            raise PeerError("no peer environment")
+        wall = run_peer_process(
+            s.peer_python,
+            peer,
+            section.spec.path,
+            genes,
+            seed,
+            out,
+            threads=s.peer_threads,
+            timeout=s.peer_timeout,
+        )
+    try:
+        res = load_peer_result(out)
+        rep = align_rep(res["rep"], res["obs_names"], list(section.adata.obs_names))
+    except (OSError, ValueError, KeyError) as exc:
+        raise PeerError(f"unusable output {out.name}: {one_line(str(exc))}") from None
+    info = {
+        "peer_version": res["version"],
+        "peer_params": res["params"],
+        "peer_n_genes": res["n_genes"],
+        "peer_threads": s.peer_threads,
+        "peer_cached": cached,
+        "peer_wall_s": wall,
+        "fit_peak_rss_mb": res["peak_rss_mb"],
+    }
+    return rep, res["seconds"], info
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
     """All methods x protocols x seeds; one record per (method, protocol, train, test, seed)."""
     runs: list[dict] = []
     names = [sec.name for sec in sections]
+    cache = Path(s.peer_cache) if s.peer_cache else workdir / "peer_cache"
     # warm-up (imports, first-call compilation) so that no method is charged for it
     PcaModel(2).fit(
         log_expression(sections[0].adata, choose_panel({names[0]: sections[0].adata}, 50))
@@ -438,7 +685,32 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                         )
                         runs.append(rec)
                         _log(rec)
+            # --- peers: per-section methods, fitted on the section they are scored on
+            for peer in s.peers if protocol == "per_section" else []:
+                for seed in peer_seed_list(s):
+                    try:
+                        rep, peer_s, info = peer_rep(test, peer, seed, panel, s, cache)
+                    except PeerError as exc:
+                        rec = {**base, "method": peer, "seed": seed, "status": "failed"}
+                        rec["reason"] = str(exc)
+                        runs.append(rec)
+                        _log(rec)
+                        continue
+                    for rec in scored(peer, rep, seed):
+                        rec.update(
+                            status="ok",
+                            train_s=peer_s,
+                            total_s=peer_s + rec["cluster_s"],
+                            **info,
+                        )
+                        runs.append(rec)
+                        _log(rec)
     return runs
+
+
+def peer_seed_list(s: Settings) -> list[int]:
+    """The seeds the peers run with: ``peer_seeds``, else the benchmark's."""
+    return list(s.seeds if s.peer_seeds is None else s.peer_seeds)
 
 
 def panel_size(s: Settings) -> int:
@@ -452,6 +724,13 @@ def panel_size(s: Settings) -> int:
 
 
 def _log(rec: dict) -> None:
+    if rec.get("status") == "failed":
+        print(
+            f"  {rec['protocol']:<11} {rec['train']}->{rec['test']} {rec['method']:<12} "
+            f"seed {rec['seed']}: FAILED ({rec.get('reason', '')})",
+            flush=True,
+        )
+        return
     print(
         f"  {rec['protocol']:<11} {rec['train']}->{rec['test']} {rec['method']:<12} "
         f"seed {rec['seed']}{' scale' if rec.get('scale') else ''}: ARI {rec['ari']:.3f} "
@@ -462,7 +741,10 @@ def _log(rec: dict) -> None:
 
 
 def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], list[Target]]:
-    """Summary table rows (mean ± sd over seeds) and the targets."""
+    """Summary table rows (mean ± sd over seeds) and the targets. Failed peer runs get a row
+    with their reason; peers get a "not applicable" row under the transfer protocol."""
+    failed = [r for r in runs if r.get("status") == "failed"]
+    runs = [r for r in runs if r.get("status", "ok") == "ok"]
     cols = [
         "protocol",
         "train → test",
@@ -500,6 +782,16 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
                 round(mean_sd([r.get("fit_peak_rss_mb") for r in rs])[0], 0),
             ]
         )
+    for key in dict.fromkeys((r["protocol"], r["train"], r["test"], r["method"]) for r in failed):
+        rs = [r for r in failed if (r["protocol"], r["train"], r["test"], r["method"]) == key]
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        reason = rs[0].get("reason", "")
+        label = f"failed (seed {seeds}): {reason}"
+        rows.append([key[0], f"{key[1]} → {key[2]}", key[3], "—", label, "n/a", "", ""])
+    if "transfer" in s.protocols:
+        for peer in s.peers:
+            na = "not applicable (per-section method)"
+            rows.append(["transfer", "—", peer, "—", na, "n/a", "", ""])
 
     def mean_of(method, protocol, test=None):
         v = [
@@ -541,15 +833,37 @@ def summarise(runs: list[dict], s: Settings) -> tuple[list[str], list[list], lis
     return cols, rows, targets
 
 
-def peer_notes() -> list[str]:
-    """Optional peers run only when importable; they are not dependencies of tissuegraph."""
+#: one line per peer: the recipe run_peer.py follows (its docstring has the details)
+PEER_RECIPES = {
+    "STAGATE": "STAGATE_pyG, rad_cutoff 150, 1000 epochs, 30-d embedding",
+    "GraphST": "600 epochs, 20 PCs of its reconstruction (what GraphST.clustering clusters; "
+    "its label refinement is not applied)",
+    "BANKSY": "the DLPFC notebook: k_geom 18, AGF m = 1, lambda 0.2, 20 PCs",
+    "CellCharter": "scVI (n_latent 5) + aggregate_neighbors(n_layers=4) on a Delaunay graph, "
+    "as its DLPFC benchmark; 30 PCs and n_layers 3 without scvi-tools",
+    "novae": "trained from scratch on the section (its pretrained weights sit on a model hub "
+    "that the benchmark never calls)",
+}
+
+
+def peer_notes(s: Settings, unavailable: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """Notes on the optional peers: why none ran (``unavailable``), what each one that ran
+    did, and ``extra`` (e.g. requested peers that are not installed)."""
+    if unavailable:
+        return [f"peers ({', '.join(PEERS)}) not run: {unavailable}", *extra]
     notes = []
-    for peer, module in PEERS.items():
-        if importlib.util.find_spec(module) is None:
-            notes.append(f"{peer} not run: '{module}' is not installed (optional peer)")
-        else:
-            notes.append(f"{peer} importable but not wired into this benchmark")
-    return notes
+    if s.peers:
+        seeds = peer_seed_list(s)
+        notes.append(
+            "peers run by benchmarks/peers/run_peer.py in their own environment "
+            f"({s.peer_python}), never a tissuegraph dependency: each one's DLPFC recipe with "
+            "its defaults, on the benchmark's gene panel, "
+            f"{s.peer_threads} thread(s), seed(s) {', '.join(map(str, seeds))}; the embedding "
+            "is clustered exactly like every other method; per-section only (transfer: not "
+            "applicable); train s = the peer's own run"
+        )
+        notes += [f"{p} {s.peer_versions.get(p, '')}: {PEER_RECIPES[p]}" for p in s.peers]
+    return notes + list(extra)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -596,11 +910,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         "so the times are then not comparable)",
     )
     p.add_argument("--out", default=None, help="results JSON path")
-    return p.parse_args(argv)
+    g = p.add_argument_group("optional peers (run in a separate environment)")
+    g.add_argument(
+        "--peer-python",
+        default=None,
+        help=f"Python of the peer environment (default: ${PEER_PYTHON_ENV}; none: no peers)",
+    )
+    g.add_argument(
+        "--peers",
+        nargs="*",
+        default=None,
+        choices=PEERS,
+        help="peers to run (default: every one installed there; no names: none)",
+    )
+    g.add_argument("--peer-seeds", type=int, default=None, help="seeds per peer (default: --seeds)")
+    g.add_argument("--peer-threads", type=int, default=1, help="threads of a peer process")
+    g.add_argument(
+        "--peer-cache",
+        default=None,
+        help="keep the peers' embeddings here and reuse them (default: in the work dir)",
+    )
+    g.add_argument(
+        "--peer-timeout", type=float, default=PEER_TIMEOUT_S, help="seconds per peer run"
+    )
+    g.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="run only the peers (no tissuegraph, no baselines); per-section protocol",
+    )
+    a = p.parse_args(argv)
+    if a.peer_seeds is not None and a.peer_seeds < 1:
+        p.error("--peer-seeds must be at least 1")
+    if a.peer_threads < 1:
+        p.error("--peer-threads must be at least 1")
+    return a
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
     q = a.quick
+    if a.peers_only:
+        a.methods, a.protocols = [], ["per_section"]
     return Settings(
         seeds=list(range(a.seeds if a.seeds is not None else (1 if q else FULL_SEEDS))),
         steps=a.steps if a.steps is not None else (60 if q else None),
@@ -618,6 +967,11 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         pretrain_overrides=list(a.pretrain_override),
         build_overrides=list(a.build_override),
         trace_python=a.tracemalloc,
+        peer_seeds=None if a.peer_seeds is None else list(range(a.peer_seeds)),
+        peer_python=resolve_peer_python(a.peer_python),
+        peer_threads=a.peer_threads,
+        peer_timeout=a.peer_timeout,
+        peer_cache=a.peer_cache,
     )
 
 
@@ -625,6 +979,19 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     set_threads(a.threads)
     s = settings_from_args(a)
+    peer_extra: list[str] = []
+    unavailable = None
+    if a.peers == []:
+        unavailable = "--peers given without names"
+    else:
+        installed, unavailable = probe_peers(s.peer_python)
+        if not unavailable:
+            s.peers, peer_extra = select_peers(a.peers, installed)
+            s.peer_versions = {p: installed[p] for p in s.peers}
+            if not s.peers:
+                unavailable = f"none of {a.peers or list(PEERS)} is installed in {s.peer_python}"
+    if a.peers_only and not s.peers:
+        raise SystemExit(f"--peers-only: no peer to run ({unavailable})")
     if a.priors:
         pri = ensure_data_env() / "priors"
         s.build_overrides = [
@@ -656,10 +1023,11 @@ def main(argv=None) -> dict:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     cols, rows, targets = summarise(runs, s)
-    notes = peer_notes()
+    notes = peer_notes(s, unavailable, peer_extra)
     notes.append(
         "ARI on labelled spots only; all in-tissue spots are clustered. Memory: peak RSS of the "
-        "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines)."
+        "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines, the "
+        "whole peer process for a peer)."
     )
     return finish(
         results_path(NAME, a.quick, a.out),
