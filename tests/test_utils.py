@@ -47,3 +47,27 @@ def test_set_torch_threads_under_two_local_ranks(eight_cpus):
         assert set_torch_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bound_onednn_cache_keeps_a_value_the_user_set(monkeypatch):
+    from tissuegraph._utils import ONEDNN_CACHE, bound_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+def test_release_heap_runs_and_frees_nothing_live():
+    import torch
+
+    from tissuegraph._utils import release_heap
+
+    x = torch.arange(10_000, dtype=torch.float32)
+    junk = [torch.ones(4096) for _ in range(64)]
+    del junk
+    release_heap()
+    release_heap()  # the second call reuses the looked-up function
+    assert float(x.sum()) == 10_000 * 9_999 / 2

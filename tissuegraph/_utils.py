@@ -201,3 +201,46 @@ def lazy_attributes(module: str, lazy: dict[str, str], namespace: dict):
             raise AttributeError(f"module {module!r} has no attribute {name!r}") from None
 
     return __getattr__
+
+
+_MALLOC_TRIM: list = []
+
+
+def release_heap() -> None:
+    """Hand freed heap pages back to the system (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    glibc keeps freed blocks in its arenas. Training on tiles of varying size, and slides
+    opened and dropped by the on-demand dataset, would otherwise let the resident size creep
+    up by hundreds of MB over a run (a 20-slide corpus: +270 MB in 600 CPU steps) although
+    nothing is live; the trainer and the slide cache call this now and then. About a
+    millisecond per call.
+    """
+    if not _MALLOC_TRIM:
+        fn = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        except (OSError, AttributeError):
+            fn = None
+        _MALLOC_TRIM.append(fn)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
+
+
+#: oneDNN primitives kept per process (its default: 1,024)
+ONEDNN_CACHE = 32
+
+
+def bound_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
+    """Bound oneDNN's primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) unless set already.
+
+    Tiles of varying size give CPU kernels a new shape nearly every step, and oneDNN keeps
+    a compiled primitive, with its buffers, per shape: with its default capacity (1,024) the
+    resident size of CPU pretraining grew by about 200 MB over 600 steps, with no speed
+    gained. oneDNN reads the variable when it first builds a primitive, so this takes effect
+    only before the process's first oneDNN operation (the CLI and the trainer call it early).
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(int(capacity)))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch_geometric.data import HeteroData
 
+from tissuegraph._utils import release_heap
 from tissuegraph.errors import InputError
 from tissuegraph.graph import schema as S
 from tissuegraph.train.sampler import SlideIndex, extract_tile, slide_epoch_tiles, slide_layout
@@ -109,8 +110,12 @@ class SlideDataset:
         for f in self.on_load:
             f(ix, s)
         self._cache[s] = ix
+        evicted = False
         while self.max_cached > 0 and len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
+            evicted = True
+        if evicted:
+            release_heap()  # the dropped slides' heap pages
         return ix
 
     def cached(self) -> list[int]:

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from tissuegraph import __version__
-from tissuegraph._utils import cuda_available, set_torch_threads
+from tissuegraph._utils import bound_onednn_cache, cuda_available, release_heap, set_torch_threads
 from tissuegraph._utils import resolve_device as _resolve_device
 from tissuegraph.config import save_config, to_dict, with_defaults
 from tissuegraph.errors import ConfigError, InputError, TissueGraphError
@@ -54,6 +54,8 @@ CKPT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
+#: steps between two hand-backs of freed heap pages to the system (``_utils.release_heap``)
+HEAP_RELEASE_EVERY = 25
 
 _clock = time.monotonic  # the clock of time-based checkpoints (tests replace it)
 log = logging.getLogger("tissuegraph.train")
@@ -255,6 +257,7 @@ class Trainer:
         self.distributed = self.world_size > 1
         _clamp_warmup(cfg, warn=self.rank == 0)
         self.threads = set_torch_threads(cfg.train.threads)
+        bound_onednn_cache()
         self.device = resolve_device(cfg.train.device, self.local_rank)
 
         # input (nothing written yet): the manifest is the index; a folder of more than
@@ -568,6 +571,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                if self.step % HEAP_RELEASE_EVERY == 0:
+                    release_heap()  # tiles of varying size fragment the heap
                 n_spots += int(tile[S.SPOT]["core"].sum())
                 at_end = self.step == t.max_steps
                 row = None
