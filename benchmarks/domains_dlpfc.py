@@ -1029,10 +1029,13 @@ def main(argv=None) -> dict:
         "process while fitting (pretraining for tissuegraph, panel + PCA for the baselines, the "
         "whole peer process for a peer)."
     )
+    # a peers-only run is its own results file and README table (it never replaces the
+    # headline run of tissuegraph and the baselines)
+    name, title = (NAME + "_peers", TITLE + ": published peers") if a.peers_only else (NAME, TITLE)
     return finish(
-        results_path(NAME, a.quick, a.out),
-        benchmark=NAME,
-        title=TITLE,
+        results_path(name, a.quick, a.out),
+        benchmark=name,
+        title=title,
         quick=a.quick,
         params={**asdict(s), "sections": a.sections, "elapsed_s": time.perf_counter() - t0},
         extra=None
