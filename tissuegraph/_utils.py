@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -203,7 +204,17 @@ def lazy_attributes(module: str, lazy: dict[str, str], namespace: dict):
     return __getattr__
 
 
-_MALLOC_TRIM: list = []
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def release_heap() -> None:
@@ -214,19 +225,9 @@ def release_heap() -> None:
     with nothing live. The trainer calls this every few steps and the slide cache when it
     drops slides; about 5 ms a call on a fragmented heap.
     """
-    if not _MALLOC_TRIM:
-        fn = None
-        try:
-            import ctypes
-            import ctypes.util
-
-            name = ctypes.util.find_library("c")
-            fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        except (OSError, AttributeError):
-            fn = None
-        _MALLOC_TRIM.append(fn)
-    if _MALLOC_TRIM[0] is not None:
-        _MALLOC_TRIM[0](0)
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
 
 
 #: oneDNN primitives kept per process (its default: 1,024)
