@@ -218,3 +218,41 @@ def test_gcn_normalisation_is_cached_per_graph_and_equals_pyg_gcnconv():
     import pickle
 
     assert pickle.loads(pickle.dumps(gnn))._gcn_cache is None
+
+
+@pytest.mark.parametrize("conv", ["gcn", "sage", "hgt"])
+def test_narrow_embedding_and_linear_output(graph, conv):
+    """``out_dim`` narrows the last layer (the embedding); every head works on it, and
+    ``final_activation=False`` leaves the last convolution's output linear (negative values
+    stay; GELU would bound them below by about -0.17)."""
+    torch.manual_seed(0)
+    cfg = _small(conv=conv, hidden_dim=16, out_dim=6, final_activation=False, norm=False)
+    model = build_model(None, cfg, data_spec(graph))
+    out = model(graph)
+    n = graph[S.SPOT].num_nodes
+    assert model.dim == 6
+    assert out["fused"].shape == (n, 6) and out["image"].shape == (n, 6)
+    assert out["fused"].min() < -0.2
+    assert model.predict_expression(out["fused"]).shape == (n, 12)
+    assert model.recon_head(out["fused"]).shape[0] == n
+    assert model.discriminator(out["fused"], out["fused"]).shape == (n, 1)
+    ei = graph[S.patch_in_parent(0)].edge_index[:, :10]
+    assert model.localisation_logits(graph, out, 0, ei).shape == (10, S.N_LOC)
+    assert model.proj_child(out["enc"][S.patch(0)]).shape[-1] == 8
+    out["fused"].pow(2).mean().backward()
+    for fusion in ("early", "late"):
+        with pytest.raises(ConfigError, match="out_dim"):
+            build_model(None, _small(fusion=fusion, out_dim=6), data_spec(graph))
+
+
+def test_gatv2_spot_attends_to_itself():
+    """With ``conv=gatv2`` and no residual, a spot's own expression reaches its embedding
+    through the attention's self-loop (one layer: without it only neighbours would)."""
+    torch.manual_seed(0)
+    g = tiny_graph(n_side=5, n_genes=12, n_scales=0)
+    cfg = dict(SMALL, conv="gatv2", n_layers=1, residual=False, norm=False, use_genes=False)
+    model = build_model(None, cfg, data_spec(g)).eval()
+    g2 = g.clone()
+    g2[S.SPOT][S.X][0] = g2[S.SPOT][S.X][0] * 0 + 5.0
+    a, b = model(g)["fused"], model(g2)["fused"]
+    assert not torch.allclose(a[0], b[0])

@@ -136,3 +136,31 @@ def test_genes_a_slide_lacks_enter_as_unknown(std_graphs, tmp_path):
     assert torch.equal(g[S.SPOT][S.X][:, :3], torch.zeros_like(g[S.SPOT][S.X][:, :3]))  # copy
     assert z.shape == (g[S.SPOT][S.X].shape[0], 8)
     assert np.allclose(embed_graph(model, filled), embed_graph(model, g), atol=1e-6)
+
+
+def test_local_global_summary_hops(std_graphs, tmp_path):
+    """A wider summary (2 hops) still trains and decreases; 0 hops is refused by name."""
+    from tissuegraph.errors import ConfigError
+
+    d, _ = std_graphs
+    pretrain(_cfg(d, tmp_path / "run", 60, local_global=1.0, local_global_hops=2), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["local_global"] for r in rows if "local_global" in r]
+    assert np.mean(vals[-8:]) < 0.9 * np.mean(vals[:8]), vals
+    with pytest.raises(ConfigError, match="local_global_hops"):
+        pretrain(
+            _cfg(d, tmp_path / "bad", 2, local_global=1.0, local_global_hops=0), progress=False
+        )
+
+
+def test_narrow_linear_embedding_trains_and_embeds(std_graphs, tmp_path):
+    """``model.out_dim`` / ``final_activation`` survive the checkpoint: the embedding of a new
+    slide has ``out_dim`` columns."""
+    d, graphs = std_graphs
+    cfg = _cfg(d, tmp_path / "run", 3, local_global=1.0, reconstruction=1.0)
+    cfg["model"].update(hidden_dim=16, out_dim=6, final_activation=False)
+    ckpt = pretrain(cfg, progress=False)
+    model, _ = load_model(ckpt)
+    assert model.dim == 6 and model.cfg["final_activation"] is False
+    z = np.asarray(embed_graph(model, graphs[1], batch_spots=400))
+    assert z.shape == (graphs[1][S.SPOT].num_nodes, 6) and np.isfinite(z).all()

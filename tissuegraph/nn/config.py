@@ -50,6 +50,11 @@ class ModelConfig:
     only in the final embedding). ``residual``: add each layer's input to its update; ``norm``: LayerNorm after each layer.
     ``use_genes``: pass messages through gene / pathway nodes (``False``: the spot graph and
     the patches only).
+    ``out_dim``: width of the last layer's output, the embedding (``0``: ``hidden_dim``); a
+    wide hidden layer and a narrow embedding, e.g. 256 -> 32. Only ``fusion=middle`` (or no
+    patches) supports ``out_dim != hidden_dim``; the last layer has no residual then.
+    ``final_activation``: apply the nonlinearity (GELU) to the last layer's output too
+    (``False``: the embedding is the last convolution's linear output, as in GAE / STAGATE).
     """
 
     name: str = "hetero_gnn"
@@ -66,4 +71,6 @@ class ModelConfig:
     residual: bool = True
     norm: bool = True
     use_genes: bool = True
+    out_dim: int = 0
+    final_activation: bool = True
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)

@@ -30,28 +30,38 @@ EdgeType = tuple[str, str, str]
 
 
 def _relation_conv(
-    kind: str, dim: int, heads: int, use_edge_weights: bool, homogeneous: bool = False
+    kind: str,
+    dim: int,
+    heads: int,
+    use_edge_weights: bool,
+    homogeneous: bool = False,
+    out: int | None = None,
 ) -> nn.Module:
+    out = dim if out is None else out
     if kind == "gcn":
         # symmetric-normalised propagation with self-loops on the spot graph (non-negative
         # proximity weights); GraphSAGE mean aggregation on every other relation
         if homogeneous:
             # normalised once per graph by HeteroGNN (self-loops, D^-1/2 A D^-1/2), not per call
-            return GCNConv(dim, dim, add_self_loops=False, normalize=False)
-        return SAGEConv((dim, dim), dim, aggr="mean")
+            return GCNConv(dim, out, add_self_loops=False, normalize=False)
+        return SAGEConv((dim, dim), out, aggr="mean")
     if kind == "sage":
-        return SAGEConv((dim, dim), dim, aggr="mean")
+        return SAGEConv((dim, dim), out, aggr="mean")
     if kind == "graphconv":
-        return GraphConv((dim, dim), dim, aggr="mean")
+        return GraphConv((dim, dim), out, aggr="mean")
     if kind == "gatv2":
-        if dim % heads:
-            raise ConfigError(f"model.hidden_dim={dim} must be divisible by model.heads={heads}")
+        if out % heads:
+            raise ConfigError(f"model width {out} must be divisible by model.heads={heads}")
         return GATv2Conv(
             (dim, dim),
-            dim // heads,
+            out // heads,
             heads=heads,
             edge_dim=1 if use_edge_weights else None,
-            add_self_loops=False,
+            # on the spot graph a spot attends to itself too (GAT's self-loops; the loop's
+            # edge feature is the mean of its edges'), else without a residual it would
+            # lose its own features
+            add_self_loops=homogeneous,
+            fill_value="mean",
         )
     raise ConfigError(f"model.conv={kind!r} is not one of {', '.join(CONVS)}")
 
@@ -85,6 +95,11 @@ class HeteroGNN(nn.Module):
         Add the layer's input to its update (``False``: plain stacking, as GCN / STAGATE).
     norm
         LayerNorm after each layer (``False``: none).
+    out_dim
+        Width of the last layer's output (``None``: ``hidden_dim``); when it differs, the
+        last layer has no residual.
+    final_activation
+        Apply the nonlinearity to the last layer's update too (``False``: linear output).
 
     Forward: ``h_dict`` {type: ``[N_t, hidden_dim]``}, ``edge_index_dict`` {edge type:
     ``[2, E]``}, ``edge_scalar_dict`` {edge type: ``[E]``} (optional) -> updated ``h_dict``.
@@ -104,6 +119,8 @@ class HeteroGNN(nn.Module):
         use_edge_weights: bool = True,
         residual: bool = True,
         norm: bool = True,
+        out_dim: int | None = None,
+        final_activation: bool = True,
     ):
         super().__init__()
         if conv not in CONVS:
@@ -115,20 +132,28 @@ class HeteroGNN(nn.Module):
         self.conv_kind = conv
         self.use_edge_weights = use_edge_weights and conv in ("graphconv", "gatv2", "gcn")
         self.residual = bool(residual)
+        self.out_dim = int(out_dim or hidden_dim)
+        self.final_activation = bool(final_activation)
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
-        for _ in range(n_layers):
+        for i in range(n_layers):
+            width = self.out_dim if i == n_layers - 1 else hidden_dim
             if conv == "hgt":
-                if hidden_dim % heads:
+                if width % heads:
                     raise ConfigError(
-                        f"model.hidden_dim={hidden_dim} must be divisible by model.heads={heads}"
+                        f"model width {width} must be divisible by model.heads={heads}"
                     )
-                layer = HGTConv(hidden_dim, hidden_dim, (self.node_types, self.edge_types), heads)
+                layer = HGTConv(hidden_dim, width, (self.node_types, self.edge_types), heads)
             else:
                 layer = HeteroConv(
                     {
                         et: _relation_conv(
-                            conv, hidden_dim, heads, use_edge_weights, et == S.SPOT_NEAR_SPOT
+                            conv,
+                            hidden_dim,
+                            heads,
+                            use_edge_weights,
+                            et == S.SPOT_NEAR_SPOT,
+                            out=width,
                         )
                         for et in self.edge_types
                     },
@@ -137,7 +162,7 @@ class HeteroGNN(nn.Module):
             self.layers.append(layer)
             self.norms.append(
                 nn.ModuleDict(
-                    {t: nn.LayerNorm(hidden_dim) if norm else nn.Identity() for t in node_types}
+                    {t: nn.LayerNorm(width) if norm else nn.Identity() for t in node_types}
                 )
             )
         self.dropout = nn.Dropout(dropout)
@@ -203,7 +228,8 @@ class HeteroGNN(nn.Module):
             )
             eidx = {**eidx, S.SPOT_NEAR_SPOT: ei_n}
             kwargs["edge_weight_dict"] = weights
-        for layer, norms in zip(self.layers, self.norms):
+        last = len(self.layers) - 1
+        for i, (layer, norms) in enumerate(zip(self.layers, self.norms)):
             if self.conv_kind == "hgt":
                 out = layer(h, eidx)
             else:
@@ -213,8 +239,10 @@ class HeteroGNN(nn.Module):
                 m = out.get(t)
                 if m is None:
                     new[t] = x
-                else:
-                    upd = self.dropout(self.act(m.to(x.dtype)))
-                    new[t] = norms[t](x + upd if self.residual else upd)
+                    continue
+                m = m.to(x.dtype)
+                upd = self.dropout(self.act(m) if i < last or self.final_activation else m)
+                skip = self.residual and upd.shape[-1] == x.shape[-1]
+                new[t] = norms[t](x + upd if skip else upd)
             h = new
         return h

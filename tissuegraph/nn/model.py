@@ -200,8 +200,11 @@ class TissueGraphModel(nn.Module):
             raise ConfigError(f"model.fusion={c['fusion']!r} is not one of {', '.join(FUSIONS)}")
         if c["n_layers"] < 1 or c["hidden_dim"] < 1:
             raise ConfigError("model.n_layers and model.hidden_dim must be >= 1")
+        if c["out_dim"] < 0:
+            raise ConfigError("model.out_dim must be >= 0 (0: model.hidden_dim)")
         d = c["hidden_dim"]
-        self.dim = d
+        e = c["out_dim"] or d  # the embedding: the last layer's output
+        self.dim = e
         self.fusion = c["fusion"]
         self.n_genes = spec["n_genes"]
         self.n_scales = spec["n_scales"] if spec["patch_input"] else 0
@@ -250,11 +253,18 @@ class TissueGraphModel(nn.Module):
             use_edge_weights=c["use_edge_weights"],
             residual=c["residual"],
             norm=c["norm"],
+            out_dim=e,
+            final_activation=c["final_activation"],
         )
         molecular = [S.SPOT]
         if c["use_genes"]:
             molecular += [S.GENE] + ([S.PATHWAY] if self.has_pathways else [])
         has_img = self.image_encoder is not None
+        if e != d and has_img and self.fusion != "middle":
+            raise ConfigError(
+                f"model.out_dim={e} differs from model.hidden_dim={d}: only fusion=middle "
+                f"supports that with patches (fusion={self.fusion!r}); set out_dim: 0"
+            )
         self.gnn_image: HeteroGNN | None = None
         self.early_input = None
         self.fuse = None
@@ -264,7 +274,7 @@ class TissueGraphModel(nn.Module):
             self.gnn = HeteroGNN(molecular, e_expr, d, c["n_layers"], **gnn_kw)
             if e_img:
                 self.gnn_image = HeteroGNN(self.patch_types, e_img, d, c["n_layers"], **gnn_kw)
-            self.fuse = _fuse(d)
+            self.fuse = _fuse(e)
         elif self.fusion == "early" and has_img:
             nodes = molecular + self.patch_types[1:]
             ets = sorted({self._early_edge(et) for et in edge_types} - {None})
@@ -276,23 +286,23 @@ class TissueGraphModel(nn.Module):
             ets = [et for et in edge_types if et[0] in nodes and et[2] in nodes]
             self.gnn = HeteroGNN(nodes, ets, d, c["n_layers"], **gnn_kw)
             if has_img:
-                self.fuse = _fuse(d)
+                self.fuse = _fuse(e)
 
-        # heads
+        # heads (on the embedding width e, or on encoder outputs of width d)
         p = c["proj_dim"]
-        self.proj_expr = ProjectionHead(d, p)
-        self.proj_image = ProjectionHead(d, p)
-        self.proj_child = ProjectionHead(d, p)
+        self.proj_expr = ProjectionHead(e, p)
+        self.proj_image = ProjectionHead(e, p)
+        self.proj_child = ProjectionHead(d, p)  # patch encoder outputs (width d)
         self.proj_parent = ProjectionHead(d, p)
-        self.loc_head = LocalisationHead(d, S.N_LOC)
+        self.loc_head = LocalisationHead(e, S.N_LOC)
         self.proj_cell = ProjectionHead(d, p)
-        self.decoder = ExpressionDecoder(d, self.n_genes)
+        self.decoder = ExpressionDecoder(e, self.n_genes)
         # spatial-domain heads: DGI discriminator, masked-feature and reconstruction decoders
         # (targets: the standardised input z of the expression encoder)
         z_dim = self.expr_encoder.input_dim
-        self.discriminator = Bilinear(d, d, 1)
-        self.feature_decoder = NeighbourDecoder(d, z_dim)
-        self.recon_head = nn.Linear(d, z_dim)
+        self.discriminator = Bilinear(e, e, 1)
+        self.feature_decoder = NeighbourDecoder(e, z_dim)
+        self.recon_head = nn.Linear(e, z_dim)
         init = math.log(1 / 0.07)
         self.logit_scale = nn.Parameter(torch.tensor(init))
         self.logit_scale_region = nn.Parameter(torch.tensor(init))

@@ -23,7 +23,8 @@ class ObjectiveConfig:
     ``max_region_pairs`` / ``max_loc_pairs``: per-tile caps on children used by the two
     patch terms. ``image_expression``: MSE of the core spots' expression decoded with the
     expression of every spot of the tile hidden (the image -> expression task itself; one
-    extra forward pass per step).
+    extra forward pass per step). ``local_global_hops``: the local-global summary of a spot
+    averages its neighbours' embeddings over this many hops (1: the adjacent spots).
     """
 
     contrastive: float = 1.0
@@ -37,6 +38,7 @@ class ObjectiveConfig:
     max_region_pairs: int = 512
     max_loc_pairs: int = 2048
     local_global: float = 0.0
+    local_global_hops: int = 1
     masked_feature: float = 0.0
     reconstruction: float = 0.0
     mae_gamma: float = 2.0

@@ -204,6 +204,10 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("all objective weights are 0: nothing to train")
     if o.temperature_min <= 0:
         raise ConfigError("objectives.temperature_min must be > 0")
+    if o.local_global_hops < 1:
+        raise ConfigError(
+            f"objectives.local_global_hops={o.local_global_hops} must be >= 1 (1: adjacent spots)"
+        )
 
 
 def _clamp_warmup(cfg: DictConfig, warn: bool) -> None:

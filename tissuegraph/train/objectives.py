@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
+from tissuegraph.errors import ConfigError
 from tissuegraph.graph import schema as S
 
 __all__ = ["TERMS", "info_nce", "apply_masks", "hide_all_expression", "Objectives"]
@@ -237,7 +238,7 @@ class Objectives(nn.Module):
                 pred = m.predict_expression(out["fused"][spot["x_mask"]]).float()
                 losses[term] = F.mse_loss(pred, spot["x_target"].float())
             elif term == "local_global":
-                v = local_global_loss(m, tile, out)
+                v = local_global_loss(m, tile, out, hops=int(cfg.local_global_hops))
                 if v is not None:
                     losses[term] = v
             elif term == "masked_feature":
@@ -283,10 +284,11 @@ def _neighbour_mean(h: Tensor, edge_index: Tensor) -> Tensor:
     return agg / deg[:, None]
 
 
-def local_global_loss(m: nn.Module, tile: HeteroData, out: dict) -> Tensor | None:
+def local_global_loss(m: nn.Module, tile: HeteroData, out: dict, hops: int = 1) -> Tensor | None:
     """DGI-style contrast of each core spot's embedding with its neighbourhood summary.
 
-    ``s_i = sigmoid(mean_{j in N(i)} h_j)``; positives ``D(h_i, s_i)`` and ``D(h~_i, s~_i)``,
+    ``s_i = sigmoid(mean_{j in N(i)} h_j)`` (``hops`` > 1: the neighbour mean applied that
+    many times, a wider neighbourhood); positives ``D(h_i, s_i)`` and ``D(h~_i, s~_i)``,
     negatives ``D(h~_i, s_i)`` and ``D(h_i, s~_i)``, with ``h~`` the embeddings of the tile
     whose expression rows are shuffled and ``D`` a bilinear discriminator.
     """
@@ -300,8 +302,12 @@ def local_global_loss(m: nn.Module, tile: HeteroData, out: dict) -> Tensor | Non
     perm = torch.randperm(n).to(ei.device)  # the global CPU RNG: checkpointed, exact on resume
     h = out["fused"].float()
     h_neg = m(tile, perm=perm, enc=out["enc"])["fused"].float()
-    s_pos = torch.sigmoid(_neighbour_mean(h, ei))
-    s_neg = torch.sigmoid(_neighbour_mean(h_neg, ei))
+    if hops < 1:
+        raise ConfigError(f"objectives.local_global_hops={hops} must be >= 1")
+    s_pos, s_neg = h, h_neg
+    for _ in range(hops):
+        s_pos, s_neg = _neighbour_mean(s_pos, ei), _neighbour_mean(s_neg, ei)
+    s_pos, s_neg = torch.sigmoid(s_pos), torch.sigmoid(s_neg)
     d = m.discriminator
     pos = torch.cat([d(h, s_pos), d(h_neg, s_neg)]).view(-1)
     neg = torch.cat([d(h_neg, s_pos), d(h, s_neg)]).view(-1)
