@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import HeteroData
 
-from tissuegraph.errors import ConfigError
 from tissuegraph.graph import schema as S
 
 __all__ = ["TERMS", "info_nce", "apply_masks", "hide_all_expression", "Objectives"]
@@ -277,11 +276,13 @@ def _standardized(m: nn.Module, spot, rows: Tensor) -> Tensor:
     return m.expr_encoder.standardized(spot[S.X][rows])
 
 
-def _neighbour_mean(h: Tensor, edge_index: Tensor) -> Tensor:
+def _neighbour_mean(h: Tensor, edge_index: Tensor, hops: int = 1) -> Tensor:
+    """The mean over each node's in-neighbours, applied ``hops`` times (degrees computed once)."""
     src, dst = edge_index
-    agg = torch.zeros_like(h).index_add_(0, dst, h.index_select(0, src))
-    deg = torch.bincount(dst, minlength=h.shape[0]).clamp_min(1).to(h.dtype)
-    return agg / deg[:, None]
+    deg = torch.bincount(dst, minlength=h.shape[0]).clamp_min(1).to(h.dtype)[:, None]
+    for _ in range(hops):
+        h = torch.zeros_like(h).index_add_(0, dst, h.index_select(0, src)) / deg
+    return h
 
 
 def local_global_loss(m: nn.Module, tile: HeteroData, out: dict, hops: int = 1) -> Tensor | None:
@@ -302,12 +303,8 @@ def local_global_loss(m: nn.Module, tile: HeteroData, out: dict, hops: int = 1) 
     perm = torch.randperm(n).to(ei.device)  # the global CPU RNG: checkpointed, exact on resume
     h = out["fused"].float()
     h_neg = m(tile, perm=perm, enc=out["enc"])["fused"].float()
-    if hops < 1:
-        raise ConfigError(f"objectives.local_global_hops={hops} must be >= 1")
-    s_pos, s_neg = h, h_neg
-    for _ in range(hops):
-        s_pos, s_neg = _neighbour_mean(s_pos, ei), _neighbour_mean(s_neg, ei)
-    s_pos, s_neg = torch.sigmoid(s_pos), torch.sigmoid(s_neg)
+    # real and corrupted embeddings side by side: one gather / scatter per hop
+    s_pos, s_neg = torch.sigmoid(_neighbour_mean(torch.cat([h, h_neg], 1), ei, hops)).chunk(2, 1)
     d = m.discriminator
     pos = torch.cat([d(h, s_pos), d(h_neg, s_neg)]).view(-1)
     neg = torch.cat([d(h_neg, s_pos), d(h, s_neg)]).view(-1)
