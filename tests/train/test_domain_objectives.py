@@ -164,3 +164,39 @@ def test_narrow_linear_embedding_trains_and_embeds(std_graphs, tmp_path):
     assert model.dim == 6 and model.cfg["final_activation"] is False
     z = np.asarray(embed_graph(model, graphs[1], batch_spots=400))
     assert z.shape == (graphs[1][S.SPOT].num_nodes, 6) and np.isfinite(z).all()
+
+
+def test_edge_dropout_drops_spot_edges_in_training_only(std_graphs, tmp_path):
+    """``model.edge_dropout`` passes messages along a random subset of the spot graph in
+    training (both local-global passes share it), along every edge in eval; out of range is
+    refused by name."""
+    from tissuegraph.errors import ConfigError
+
+    d, graphs = std_graphs
+    cfg = _cfg(d, tmp_path / "run", 40, local_global=1.0, reconstruction=1.0)
+    cfg["model"].update(edge_dropout=0.5)
+    ckpt = pretrain(cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["local_global"] for r in rows if "local_global" in r]
+    assert np.mean(vals[-8:]) < 0.9 * np.mean(vals[:8]), vals
+    model, _ = load_model(ckpt)
+    g = graphs[1]
+    n_edges = g[S.SPOT_NEAR_SPOT].edge_index.shape[1]
+    model.train()
+    torch.manual_seed(0)
+    keep = model.spot_edge_keep(g)
+    assert keep is not None and keep.shape == (n_edges,) and 0 < int(keep.sum()) < n_edges
+    # eval: no draw, every edge; the dropped edges change the embedding
+    model.eval()
+    assert model.spot_edge_keep(g) is None
+    with torch.no_grad():
+        full = model(g)["fused"]
+        assert not torch.allclose(model(g, edge_keep=keep)["fused"], full)
+        assert torch.equal(model(g, edge_keep=torch.ones_like(keep))["fused"], full)
+    z1 = np.asarray(embed_graph(model, g, batch_spots=400))
+    z2 = np.asarray(embed_graph(model, g, batch_spots=400))
+    np.testing.assert_array_equal(z1, z2)
+    bad = _cfg(d, tmp_path / "bad", 2, local_global=1.0)
+    bad["model"].update(edge_dropout=1.0)
+    with pytest.raises(ConfigError, match="edge_dropout"):
+        pretrain(bad, progress=False)

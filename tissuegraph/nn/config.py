@@ -55,6 +55,9 @@ class ModelConfig:
     patches) supports ``out_dim != hidden_dim``; the last layer has no residual then.
     ``final_activation``: apply the nonlinearity (GELU) to the last layer's output too
     (``False``: the embedding is the last convolution's linear output, as in GAE / STAGATE).
+    ``edge_dropout``: fraction of the spot graph's edges dropped at random in each training
+    pass (DropEdge; both passes of the local-global contrast share one draw); inference
+    always uses every edge. 0: off.
     """
 
     name: str = "hetero_gnn"
@@ -73,4 +76,5 @@ class ModelConfig:
     use_genes: bool = True
     out_dim: int = 0
     final_activation: bool = True
+    edge_dropout: float = 0.0
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)

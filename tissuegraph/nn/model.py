@@ -202,6 +202,8 @@ class TissueGraphModel(nn.Module):
             raise ConfigError("model.n_layers and model.hidden_dim must be >= 1")
         if c["out_dim"] < 0:
             raise ConfigError("model.out_dim must be >= 0 (0: model.hidden_dim)")
+        if not 0.0 <= float(c["edge_dropout"]) < 1.0:
+            raise ConfigError(f"model.edge_dropout={c['edge_dropout']} must be in [0, 1)")
         d = c["hidden_dim"]
         e = c["out_dim"] or d  # the embedding: the last layer's output
         self.dim = e
@@ -353,15 +355,29 @@ class TissueGraphModel(nn.Module):
                 enc[t] = part
         return enc
 
+    def spot_edge_keep(self, data: HeteroData) -> Tensor | None:
+        """A random keep-mask over the spot graph's edges (``model.edge_dropout``, training
+        only; ``None``: keep all). Drawn from the global RNG, as dropout is."""
+        p = float(self.cfg.get("edge_dropout", 0.0) or 0.0)
+        if not self.training or p <= 0 or S.SPOT_NEAR_SPOT not in data.edge_types:
+            return None
+        ei = data[S.SPOT_NEAR_SPOT].edge_index
+        return (torch.rand(ei.shape[1]) >= p).to(ei.device)
+
     def forward(
-        self, data: HeteroData, perm: Tensor | None = None, enc: dict | None = None
+        self,
+        data: HeteroData,
+        perm: Tensor | None = None,
+        enc: dict | None = None,
+        edge_keep: Tensor | None = None,
     ) -> dict[str, Any]:
         """Embeddings of ``data``.
 
         ``perm`` ``[N]`` (optional): spot ``i`` gets the expression of spot ``perm[i]`` (its
         encoding and its ``expresses`` edges move together; the graph and the image stay): the
         feature-shuffle corruption of the local-global objective. ``enc``: encoder outputs of
-        an earlier pass over the same ``data`` to reuse."""
+        an earlier pass over the same ``data`` to reuse. ``edge_keep`` ``[E]`` bool
+        (optional): the spot-graph edges to pass messages along (:meth:`spot_edge_keep`)."""
         enc = dict(enc) if enc is not None else self.encode_nodes(data)
         eidx = dict(data.edge_index_dict)
         if perm is not None:
@@ -375,6 +391,10 @@ class TissueGraphModel(nn.Module):
                     ei[side] = inv[ei[side]]
                     eidx[et] = ei
         esc = edge_scalars(data) if self.cfg["use_edge_weights"] else None
+        if edge_keep is not None and S.SPOT_NEAR_SPOT in eidx:
+            eidx[S.SPOT_NEAR_SPOT] = eidx[S.SPOT_NEAR_SPOT][:, edge_keep]
+            if esc is not None and S.SPOT_NEAR_SPOT in esc:
+                esc[S.SPOT_NEAR_SPOT] = esc[S.SPOT_NEAR_SPOT][edge_keep]
         image = None
         if self.fusion == "early" and self.early_input is not None:
             h_in = dict(enc)

@@ -183,7 +183,9 @@ class Objectives(nn.Module):
 
     def forward(self, tile: HeteroData) -> dict[str, Tensor]:
         m = self.model
-        out = m(tile)
+        keep = m.spot_edge_keep(tile) if hasattr(m, "spot_edge_keep") else None
+        out = m(tile, edge_keep=keep) if keep is not None else m(tile)
+        out["edge_keep"] = keep
         active = self.active()
         spot = tile[S.SPOT]
         losses: dict[str, Tensor] = {}
@@ -302,7 +304,7 @@ def local_global_loss(m: nn.Module, tile: HeteroData, out: dict, hops: int = 1) 
         return None
     perm = torch.randperm(n).to(ei.device)  # the global CPU RNG: checkpointed, exact on resume
     h = out["fused"].float()
-    h_neg = m(tile, perm=perm, enc=out["enc"])["fused"].float()
+    h_neg = m(tile, perm=perm, enc=out["enc"], edge_keep=out.get("edge_keep"))["fused"].float()
     # real and corrupted embeddings side by side: one gather / scatter per hop
     s_pos, s_neg = torch.sigmoid(_neighbour_mean(torch.cat([h, h_neg], 1), ei, hops)).chunk(2, 1)
     d = m.discriminator
