@@ -358,7 +358,7 @@ class TissueGraphModel(nn.Module):
     def spot_edge_keep(self, data: HeteroData) -> Tensor | None:
         """A random keep-mask over the spot graph's edges (``model.edge_dropout``, training
         only; ``None``: keep all). Drawn from the global RNG, as dropout is."""
-        p = float(self.cfg.get("edge_dropout", 0.0) or 0.0)
+        p = float(self.cfg["edge_dropout"])  # resolved config: the default is filled in
         if not self.training or p <= 0 or S.SPOT_NEAR_SPOT not in data.edge_types:
             return None
         ei = data[S.SPOT_NEAR_SPOT].edge_index
