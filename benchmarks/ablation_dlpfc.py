@@ -6,7 +6,7 @@ with one change, pretrained per section and clustered exactly as in ``domains_dl
 ``benchmarks/results/ablation_dlpfc.json`` and, as a markdown table, to ``docs/ablation.md``
 (between the ``ABLATION`` markers).
 
-Run ``uv run python benchmarks/ablation_dlpfc.py [--sections 151673] [--seeds 1] [--threads 2]``.
+Run ``uv run python benchmarks/ablation_dlpfc.py [--sections 151673 151674] [--seeds 1] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ VARIANTS = {
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", nargs="+", default=["151673"])
+    p.add_argument("--sections", nargs="+", default=["151673", "151674"])
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None)
@@ -147,7 +147,8 @@ def main(argv=None) -> dict:
         targets=[],
         notes=[
             "one change at a time from the shipped DLPFC recipe; same clustering as "
-            "domains_dlpfc.py; the DLPFC folders hold only the lowres H&E (a spot is ~4 px)"
+            "domains_dlpfc.py; the DLPFC folders hold only the lowres H&E (a spot is ~4 px)",
+            "ARI: mean ± sd over sections x seeds x {unscaled, scaled} clustering",
         ],
     )
     table = markdown_table(cols, rows)
