@@ -196,6 +196,7 @@ def test_pretrain_outputs_and_checkpoint(graph_dir, tmp_path):
         ):
             assert np.isfinite(r[k]), k
     assert "val_localisation_acc" in rows[2] and "val_retrieval_top1" in rows[-1]
+    assert 0.0 <= rows[-1]["val_retrieval_auc"] <= 1.0
     ck = torch.load(path, weights_only=True)
     for k in (
         "model",
@@ -485,3 +486,14 @@ def test_ddp_interrupt_on_one_rank_stops_all(graph_dir, tmp_path, torchrun_two):
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 2 and ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
+
+
+def test_rank_fraction():
+    from tissuegraph.train.evaluate import rank_fraction
+
+    sim = torch.tensor([[3.0, 1.0, 2.0], [5.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    # row 0: partner first; row 1: partner last; row 2: all tied
+    assert rank_fraction(sim).tolist() == [1.0, 0.0, 0.5]
+    g = torch.Generator().manual_seed(0)
+    r = rank_fraction(torch.randn(400, 400, generator=g))
+    assert abs(float(r.mean()) - 0.5) < 0.03
