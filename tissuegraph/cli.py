@@ -134,16 +134,21 @@ def _embed(args) -> int:
 
     _torch_threads()
     adata = io.read_any(args.input)
-    tl.embed(
-        adata,
-        args.checkpoint,
-        kind=args.kind,
-        device=args.device,
-        key_added=args.key,
-        min_gene_overlap=args.min_gene_overlap,
-    )
+    keys = []
+    for i, ckpt in enumerate(args.checkpoint):
+        key = args.key if i == 0 else f"{args.key}_{i}"
+        tl.embed(
+            adata,
+            ckpt,
+            kind=args.kind,
+            device=args.device,
+            key_added=key,
+            min_gene_overlap=args.min_gene_overlap,
+        )
+        keys.append(key)
     io.write_h5ad(adata, args.out)
-    print(f"wrote {args.out} (obsm[{args.key!r}]: {adata.obsm[args.key].shape})")
+    shapes = ", ".join(f"obsm[{k!r}]: {adata.obsm[k].shape}" for k in keys)
+    print(f"wrote {args.out} ({shapes})")
     return 0
 
 
@@ -151,7 +156,8 @@ def _niches(args) -> int:
     from tissuegraph import io, pl, tl
 
     adata = io.read_any(args.input)
-    tl.niches(adata, n_niches=args.n_niches, method=args.method, use_rep=args.use_rep)
+    reps = args.use_rep[0] if len(args.use_rep) == 1 else list(args.use_rep)
+    tl.niches(adata, n_niches=args.n_niches, method=args.method, use_rep=reps)
     io.write_h5ad(adata, args.out)
     figdir = Path(args.figdir) if args.figdir else Path(args.out).with_suffix("")
     written = pl.save_niche_figures(adata, figdir)
@@ -258,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
         "spots.tsv and an image), build its graph with the checkpoint's panel and options, "
         "and write spot embeddings to obsm.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint .pt written by pretrain")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="checkpoint .pt written by pretrain; several (e.g. one per seed) write KEY, "
+        "KEY_1, KEY_2, ... for a consensus with `niches --use-rep`",
+    )
     p.add_argument("--input", "-i", required=True, help=".h5ad, Space Ranger folder or ST folder")
     p.add_argument("--out", "-o", required=True, help="output .h5ad")
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
-    p.add_argument("--key", default=L.EMBEDDING, help="obsm key to write")
+    p.add_argument("--key", default=L.EMBEDDING, help="obsm key to write (the first checkpoint's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     _min_gene_overlap(p)
     p.set_defaults(func=_embed)
@@ -278,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output .h5ad")
     p.add_argument("--n-niches", type=int, default=None, help="number of niches (default: auto)")
     p.add_argument("--method", default="gmm", choices=["gmm", "kmeans", "leiden"])
-    p.add_argument("--use-rep", default=L.EMBEDDING, help="obsm key to cluster")
+    p.add_argument(
+        "--use-rep",
+        nargs="+",
+        default=[L.EMBEDDING],
+        help="obsm key to cluster; several keys: cluster each and take the majority vote",
+    )
     p.add_argument("--figdir", default=None, help="folder for PNGs (default: beside --out)")
     p.set_defaults(func=_niches)
 

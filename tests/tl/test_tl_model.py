@@ -131,6 +131,30 @@ def test_cli_predict_bare_image_pixel_size(her2st_model, her2st_dir, tmp_path):
     assert 2.5 < counts[0] / counts[1] < 6.0
 
 
+def test_cli_embed_several_checkpoints_then_consensus_niches(her2st_model, tmp_path):
+    """`embed` with several checkpoints writes KEY, KEY_1, ...; `niches --use-rep` with
+    several keys writes the vote and its per-spot support."""
+    from tissuegraph.cli import main
+
+    ckpt, c2 = her2st_model
+    src = tmp_path / "c2.h5ad"
+    io.write_h5ad(c2, src)
+    emb, nic = tmp_path / "emb.h5ad", tmp_path / "niches.h5ad"
+    argv = ["embed", "--checkpoint", str(ckpt), str(ckpt), "-i", str(src), "-o", str(emb)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    a = io.read_h5ad(emb)
+    np.testing.assert_array_equal(a.obsm["X_tissuegraph"], a.obsm["X_tissuegraph_1"])
+    argv = ["niches", "-i", str(emb), "-o", str(nic), "--n-niches", "3"]
+    argv += ["--use-rep", "X_tissuegraph", "X_tissuegraph_1", "--figdir", str(tmp_path / "f")]
+    assert main(argv) == 0
+    b = io.read_h5ad(nic)
+    assert b.obs["tg_niche"].nunique() == 3
+    sup = b.obs["tg_niche_support"].to_numpy()
+    assert set(np.unique(sup).tolist()) <= {0.5, 1.0}
+    assert list(b.uns["tg_niche"]["consensus"]["use_rep"]) == ["X_tissuegraph", "X_tissuegraph_1"]
+    assert (tmp_path / "f" / "support.png").stat().st_size > 0  # the agreement map
+
+
 def test_embed_niches_explain(her2st_model, priors_dir):
     ckpt, c2 = her2st_model
     a = c2.copy()

@@ -492,7 +492,8 @@ def save_niche_figures(
     """Write every niche figure that ``adata`` has the results for into ``folder``.
 
     ``niches.{fmt}`` always; ``stability``, ``composition`` and ``nhood_enrichment`` when
-    ``uns`` holds them. Returns the written paths.
+    ``uns`` holds them; ``support`` (the fraction of models agreeing with each spot's niche)
+    after a consensus of several representations. Returns the written paths.
     """
     plt = _plt()
     folder = Path(folder)
@@ -508,6 +509,15 @@ def save_niche_figures(
         written.append(path)
 
     emit("niches", lambda: niches(adata, niche_key=niche_key))
+    skey = f"{niche_key}_support"
+    if skey in adata.obs and "consensus" in (adata.uns.get(niche_key) or {}):
+        n = len((adata.uns[niche_key]["consensus"]).get("use_rep", []))
+        emit(
+            "support",
+            lambda: spatial_scatter(
+                adata, skey, cmap="magma", title=f"agreement of {n} clusterings with the niche"
+            ),
+        )
     if (adata.uns.get(niche_key) or {}).get("stability"):
         emit("stability", lambda: stability(adata, niche_key=niche_key))
     if f"{niche_key}_composition" in adata.uns:

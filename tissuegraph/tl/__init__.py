@@ -12,7 +12,7 @@ from tissuegraph.tl._explain import explain
 from tissuegraph.tl._ligrec import ligand_receptor
 from tissuegraph.tl._markers import niche_markers
 from tissuegraph.tl._model import measured_vs_predicted, pearson_per_gene, pseudo_spots
-from tissuegraph.tl._niches import stability_curve
+from tissuegraph.tl._niches import consensus_labels, stability_curve
 from tissuegraph.tl._pathways import pathway_activity
 from tissuegraph.tl._sdata import accepts_spatialdata
 from tissuegraph.tl._spatial import aggregate_neighbors, spatial_neighbors
@@ -24,6 +24,7 @@ predict_expression = accepts_spatialdata(_model.predict_expression, returns_new=
 
 __all__ = [
     "aggregate_neighbors",
+    "consensus_labels",
     "embed",
     "exact_moments",
     "explain",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -226,6 +227,18 @@ def refine_labels(codes: np.ndarray, pos: np.ndarray, k: int) -> np.ndarray:
     return np.where(ok, out, codes)
 
 
+def _rep_list(use_rep, func: str) -> list[str]:
+    """``use_rep`` as a non-empty list of distinct obsm keys."""
+    if isinstance(use_rep, str):
+        return [use_rep]
+    reps = list(use_rep) if isinstance(use_rep, list | tuple) else None
+    if not reps or not all(isinstance(r, str) for r in reps):
+        raise InputError(f"{func}: use_rep must be an obsm key or a non-empty list of keys")
+    if len(set(reps)) != len(reps):
+        raise InputError(f"{func}: use_rep lists a key twice: {reps}")
+    return reps
+
+
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
     uniq, counts = np.unique(labels, return_counts=True)
     order = uniq[np.argsort(-counts, kind="stable")]
@@ -233,12 +246,56 @@ def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
     return np.array([remap[v] for v in labels], dtype=int)
 
 
+def consensus_labels(partitions, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Majority vote of several partitions of the same spots into ``k`` clusters.
+
+    The reference is the partition that agrees most with the others (highest mean adjusted
+    Rand index); every partition's labels are matched to the reference's by maximum overlap
+    (Hungarian assignment on the contingency table), then each spot takes the label most
+    partitions give it, ties going to the reference. Linear in the number of spots (no
+    spot-by-spot co-association matrix), so it scales to Visium HD.
+
+    Returns ``(labels, support, pairwise_ari)``: labels in ``0..k-1``, the fraction of
+    partitions that agree with each spot's label, and the partitions' pairwise ARI matrix.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score
+
+    codes = [np.asarray(p, dtype=np.int64) for p in partitions]
+    m = len(codes)
+    if m == 0:
+        raise ValueError("consensus_labels needs at least one partition")
+    n = codes[0].shape[0]
+    if any(c.shape != (n,) for c in codes) or any(c.min() < 0 or c.max() >= k for c in codes):
+        raise ValueError(
+            f"partitions must be label vectors of one length with values in 0..{k - 1}"
+        )
+    ari = np.eye(m)
+    for i in range(m):
+        for j in range(i + 1, m):
+            ari[i, j] = ari[j, i] = adjusted_rand_score(codes[i], codes[j])
+    ref = codes[int(np.argmax(ari.sum(1)))]
+    votes = np.zeros((n, k))
+    rows = np.arange(n)
+    for c in codes:
+        table = np.zeros((k, k))
+        np.add.at(table, (c, ref), 1)
+        src, dst = linear_sum_assignment(-table)
+        mapping = np.empty(k, dtype=np.int64)
+        mapping[src] = dst
+        votes[rows, mapping[c]] += 1.0
+    votes[rows, ref] += 0.5  # ties go to the reference; never outweighs a whole vote
+    labels = votes.argmax(1)
+    support = np.floor(votes[rows, labels]) / m
+    return labels, support, ari
+
+
 def niches(
     adata,
     *,
     n_niches: int | None = None,
     method: str = "gmm",
-    use_rep: str = EMBED_KEY,
+    use_rep: str | Sequence[str] = EMBED_KEY,
     key_added: str = NICHE_KEY,
     n_init: int = 10,
     covariance_type: str = "tied",
@@ -277,6 +334,15 @@ def niches(
     stable number of clusters over ``n_repeats`` subsampled restarts (see
     :func:`stability_curve`); the curve is kept in ``uns[key_added]['stability']``.
 
+    ``use_rep`` may list several representations of the same spots, typically the
+    embeddings of models pretrained with different seeds: each is clustered on its own
+    (representation ``i`` with seed ``random_state + i``, K chosen on the first when
+    ``n_niches`` is ``None``) and the niches are their majority vote after matching labels
+    (:func:`consensus_labels`). Single models of the DLPFC recipe vary with the seed (151674:
+    ARI 0.44-0.63 over ten seeds); the vote of five models is steadier and higher
+    (``benchmarks/domains_dlpfc.py``, method ``tissuegraph_consensus``). ``gmm`` and
+    ``kmeans`` only.
+
     ``refine=k`` (off by default) adds a spatially smoothed copy of the labels, as GraphST
     offers: one majority vote of each spot with its neighbours on the symmetrised
     ``k``-nearest-spot graph (:func:`refine_labels`). It is written beside the clustering,
@@ -291,7 +357,7 @@ def niches(
     method
         ``"gmm"``, ``"kmeans"`` or ``"leiden"``.
     use_rep
-        obsm key of the representation.
+        obsm key of the representation, or a list of keys for a consensus of several.
     key_added
         obs key of the labels.
     n_init
@@ -325,6 +391,9 @@ def niches(
     With ``refine``: ``obs[f"{key_added}_refined"]`` (same categories),
     ``uns[f"{key_added}_refined_colors"]`` (the same colours) and
     ``uns[key_added]["refined"]`` (``key``, ``k``, ``n_changed``, ``fraction_changed``).
+    With a list of representations: ``obs[f"{key_added}_support"]`` (the fraction of them
+    that agree with each spot's niche) and ``uns[key_added]["consensus"]`` (``use_rep``,
+    ``pairwise_ari``: the mean ARI between their clusterings, ``support_mean``).
     ``None``, or the copy.
     """
     func = "niches"
@@ -341,17 +410,30 @@ def niches(
     refine = check_int(refine, "refine", func, minimum=0)
     if refine and L.SPATIAL not in adata.obsm and L.SPATIAL_UM not in adata.obsm:
         raise InputError(f"{func}: refine needs spot positions (obsm['spatial'])")
-    producer = "tissuegraph.tl.embed" if use_rep == EMBED_KEY else None
-    x = require_obsm(adata, use_rep, func, producer)
+    reps = _rep_list(use_rep, func)
+    if len(reps) > 1 and method == "leiden":
+        raise InputError(
+            f"{func}: a consensus of several use_rep needs method='gmm' or 'kmeans' (one K for "
+            "all of them), not 'leiden'"
+        )
     kmin, kmax = (int(k) for k in k_range)
     if not 2 <= kmin <= kmax:
         raise InputError(f"{func}: k_range must be (kmin, kmax) with 2 <= kmin <= kmax")
-    if scale is None:
-        rec = adata.uns.get(use_rep)
-        scale = bool(rec.get("scale_for_clustering", True)) if hasattr(rec, "get") else True
+    xs, scales = [], []
+    for rep in reps:
+        producer = "tissuegraph.tl.embed" if rep == EMBED_KEY else None
+        x = require_obsm(adata, rep, func, producer)
+        sc = scale
+        if sc is None:
+            rec = adata.uns.get(rep)
+            sc = bool(rec.get("scale_for_clustering", True)) if hasattr(rec, "get") else True
+        xs.append(x)
+        scales.append(bool(sc))
+    scale = scales[0] if len(set(scales)) == 1 else scales
     adata = adata.copy() if copy else adata
-    xr = prepare_representation(x, n_pcs, random_state, scale=bool(scale))
+    xr = prepare_representation(xs[0], n_pcs, random_state, scale=scales[0])
     extra: dict = {}
+    support = None
     if method == "leiden":
         labels, res, algorithm = _leiden_labels(xr, n_niches, resolution, random_state)
         extra["resolution"] = res
@@ -378,10 +460,36 @@ def niches(
             covariance_type=covariance_type,
             random_state=random_state,
         )
+        if len(reps) > 1:
+            parts = [labels]
+            for i in range(1, len(reps)):
+                xi = prepare_representation(xs[i], n_pcs, random_state + i, scale=scales[i])
+                parts.append(
+                    _fit_labels(
+                        xi,
+                        k,
+                        method,
+                        n_init=n_init,
+                        covariance_type=covariance_type,
+                        random_state=random_state + i,
+                    )
+                )
+            labels, support, ari = consensus_labels(parts, k)
+            off = ari[~np.eye(len(parts), dtype=bool)]
+            extra["consensus"] = {
+                "use_rep": list(reps),
+                "pairwise_ari": float(off.mean()),
+                "support_mean": float(support.mean()),
+            }
     labels = _relabel_by_size(labels)
     n_found = int(labels.max()) + 1
     cats = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
+    skey = f"{key_added}_support"
+    if support is not None:
+        adata.obs[skey] = support.astype(np.float32)
+    elif "consensus" in (adata.uns.get(key_added) or {}):  # support of an earlier consensus
+        adata.obs.drop(columns=[skey], errors="ignore", inplace=True)
     colors = category_colors(adata, key_added)
     rkey = f"{key_added}_refined"
     previous = (adata.uns.get(key_added) or {}).get("refined") or {}
@@ -408,7 +516,7 @@ def niches(
         {
             "n_niches": n_niches,
             "method": method,
-            "use_rep": use_rep,
+            "use_rep": reps[0] if len(reps) == 1 else list(reps),
             "n_init": n_init,
             "covariance_type": covariance_type,
             "scale": scale,
