@@ -27,6 +27,12 @@ EEE, with ``n_init`` k-means starts)
 ``tissuegraph``   build_graphs -> pretrain -> tl.embed -> tl.niches (shipped configs)
 ``tissuegraph_agg`` the same embedding, concatenated with its means over the 1-, 2- and 3-hop
                   rings (``tl.aggregate_neighbors(use_rep="X_tissuegraph")``) -> tl.niches
+``tissuegraph_consensus`` the vote of ``--consensus-models`` (default 5) pretrained models:
+                  for seed ``s`` the models of seeds ``s .. s+4`` each embed the section and
+                  ``tl.niches(use_rep=[...])`` clusters each embedding (GMM seed = model seed)
+                  and takes the majority vote after matching labels. Five seeds need models
+                  0-8 (windows overlap, so its seed sd understates the spread of independent
+                  groups); pretraining time is the sum over the five models
 ``pca``           log1p-CP10k of the HVG panel, scaled, PCA
 ``aggregation``   the PCA above, concatenated with its means over the spots exactly 1, 2 and
                   3 hops away on the spot grid (CellCharter-style, ``tl.aggregate_neighbors``)
@@ -94,8 +100,9 @@ BUILD_CONFIG = ROOT / "configs" / "build" / "dlpfc.yaml"
 PRETRAIN_CONFIG = ROOT / "configs" / "pretrain" / "dlpfc.yaml"
 NAME = "domains_dlpfc"
 TITLE = "Spatial domains on DLPFC (ARI vs manual layers, K = 7)"
-METHODS = ("tissuegraph", "tissuegraph_agg", "pca", "aggregation")
-TG_METHODS = ("tissuegraph", "tissuegraph_agg")
+METHODS = ("tissuegraph", "tissuegraph_agg", "tissuegraph_consensus", "pca", "aggregation")
+TG_METHODS = ("tissuegraph", "tissuegraph_agg", "tissuegraph_consensus")
+CONSENSUS_MODELS = 5
 PROTOCOLS = ("per_section", "transfer")
 #: published methods run by ``benchmarks/peers/run_peer.py`` in a separate environment
 PEERS = ("STAGATE", "GraphST", "BANKSY", "CellCharter", "novae")
@@ -137,6 +144,8 @@ class Settings:
     n_hops: int = 3
     n_init: int = 10
     restarts: int = 5
+    #: models voting in the ``tissuegraph_consensus`` arm (seed s: models s .. s+n-1)
+    consensus_models: int = CONSENSUS_MODELS
     #: ``tl.niches(scale=...)`` settings to cluster every representation with; the first is the
     #: headline protocol (what tl.niches does by default with the recipe's embedding; every
     #: method is clustered the same way), the others are reported beside it
@@ -257,20 +266,24 @@ def aggregate(adata, rep: np.ndarray, n_hops: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- clustering / score
-def cluster(rep: np.ndarray, k: int, seed: int, n_init: int, scale: bool = False) -> np.ndarray:
+def cluster(rep, k: int, seed: int, n_init: int, scale: bool = False) -> np.ndarray:
     """``tl.niches(method="gmm", covariance_type="tied", scale=scale)`` on ``rep``; returns the
-    labels."""
+    labels. A list of representations: each clustered so (the ``i``-th with seed
+    ``seed + i``), then their majority vote (``tl.niches(use_rep=[...])``)."""
     from anndata import AnnData
 
     from tissuegraph import tl
 
-    tmp = AnnData(obs={"i": np.arange(rep.shape[0])})
-    tmp.obsm["X_bench"] = np.asarray(rep, dtype=np.float32)
+    reps = list(rep) if isinstance(rep, list | tuple) else [rep]
+    tmp = AnnData(obs={"i": np.arange(reps[0].shape[0])})
+    keys = [f"X_bench{i}" for i in range(len(reps))]
+    for key, r in zip(keys, reps, strict=True):
+        tmp.obsm[key] = np.asarray(r, dtype=np.float32)
     tl.niches(
         tmp,
         n_niches=k,
         method="gmm",
-        use_rep="X_bench",
+        use_rep=keys[0] if len(keys) == 1 else keys,
         key_added="bench_niche",
         covariance_type="tied",
         n_init=n_init,
@@ -278,6 +291,27 @@ def cluster(rep: np.ndarray, k: int, seed: int, n_init: int, scale: bool = False
         random_state=seed,
     )
     return np.asarray(tmp.obs["bench_niche"].astype(str))
+
+
+def peak_of(measures) -> float:
+    """The largest ``peak_rss_mb`` of several measurements (NaN when none was measured)."""
+    v = [float(m.get("peak_rss_mb", np.nan)) for m in measures]
+    v = [x for x in v if x == x]
+    return max(v) if v else float("nan")
+
+
+def consensus_group(seed: int, s: Settings) -> list[int]:
+    """The model seeds whose vote is the ``tissuegraph_consensus`` result for ``seed``."""
+    return list(range(seed, seed + max(1, s.consensus_models)))
+
+
+def model_seeds(s: Settings) -> list[int]:
+    """Every model seed the tissuegraph arms need."""
+    need = set(s.seeds)
+    if "tissuegraph_consensus" in s.methods:
+        for seed in s.seeds:
+            need.update(consensus_group(seed, s))
+    return sorted(need)
 
 
 def n_domains(truth, k_max: int) -> int:
@@ -335,7 +369,7 @@ def train_tissuegraph(
     check_training_slides(graphs, [train.name], heldout)
     info = {"build": mb.as_dict(), "panel": list(manifest["genes"]), "pretrain": {}}
     ckpts = {}
-    for seed in s.seeds:
+    for seed in model_seeds(s):
         with measure(s.trace_python) as mt:
             ckpt = pretrain_checkpoint(
                 graphs,
@@ -659,19 +693,55 @@ def run(sections: Sequence[Section], s: Settings, workdir: Path) -> list[dict]:
                         runs.append(rec)
                         _log(rec)
             build_s = tg_info["build"]["seconds"] if tg_methods else 0.0
-            for seed in s.seeds if tg_methods else []:
-                with measure() as me:
-                    emb = embed_tissuegraph(test, ckpts[seed], s)
+            embs: dict[int, tuple[np.ndarray, float]] = {}
+
+            def embedding(seed, test=test, embs=embs, ckpts=ckpts):
+                if seed not in embs:
+                    with measure() as me:
+                        e = embed_tissuegraph(test, ckpts[seed], s)
+                    embs[seed] = (e, me.seconds)
+                return embs[seed]
+
+            for seed in s.seeds if "tissuegraph_consensus" in tg_methods else []:
+                group = consensus_group(seed, s)
+                reps_g = [embedding(m)[0] for m in group]
+                pre_s = sum(tg_info["pretrain"][m]["seconds"] for m in group)
+                embed_s = sum(embedding(m)[1] for m in group)
+                for scale in s.scales:
+                    with measure() as mc:
+                        labels = cluster(reps_g, k, seed, s.n_init, scale)
+                    rec = {**base, "method": "tissuegraph_consensus", "seed": seed}
+                    rec.update(
+                        dim=int(reps_g[0].shape[1]),
+                        ari=ari_labelled(labels, truth),
+                        cluster_s=mc.seconds,
+                        scale=bool(scale),
+                        models=group,
+                        build_s=build_s,
+                        pretrain_s=pre_s,
+                        embed_s=embed_s,
+                        train_s=build_s + pre_s,
+                        total_s=build_s + pre_s + embed_s + mc.seconds,
+                        steps=s.steps,
+                        patches=s.patches,
+                        panel_equals_baseline_panel=tg_info["panel_equals_baseline_panel"],
+                        fit_peak_rss_mb=peak_of(tg_info["pretrain"][m] for m in group),
+                    )
+                    runs.append(rec)
+                    _log(rec)
+            single = [m for m in tg_methods if m != "tissuegraph_consensus"]
+            for seed in s.seeds if single else []:
+                emb, embed0_s = embedding(seed)
                 tg_reps = {"tissuegraph": (emb, 0.0)}
                 if "tissuegraph_agg" in s.methods:
                     with measure() as ma:
                         emb_agg = aggregate(test.adata, emb, s.n_hops)
                     tg_reps["tissuegraph_agg"] = (emb_agg, ma.seconds)
-                for method in tg_methods:
+                for method in single:
                     rep, extra_s = tg_reps[method]
                     for rec in scored(method, rep, seed):
                         pt = tg_info["pretrain"][seed]
-                        embed_s = me.seconds + extra_s
+                        embed_s = embed0_s + extra_s
                         rec.update(
                             build_s=build_s,
                             pretrain_s=pt["seconds"],
@@ -731,11 +801,16 @@ def _log(rec: dict) -> None:
             flush=True,
         )
         return
+    if "restart_min" in rec:
+        spread = f"(restarts {rec['restart_min']:.3f}-{rec['restart_max']:.3f}) "
+    elif "models" in rec:
+        spread = f"(vote of models {rec['models'][0]}-{rec['models'][-1]}) "
+    else:
+        spread = ""
     print(
         f"  {rec['protocol']:<11} {rec['train']}->{rec['test']} {rec['method']:<12} "
         f"seed {rec['seed']}{' scale' if rec.get('scale') else ''}: ARI {rec['ari']:.3f} "
-        f"(restarts {rec.get('restart_min', float('nan')):.3f}-{rec.get('restart_max', float('nan')):.3f}) "
-        f"train {rec.get('train_s', 0):.1f}s",
+        f"{spread}train {rec.get('train_s', 0):.1f}s",
         flush=True,
     )
 
@@ -885,6 +960,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-init", type=int, default=None, help="GMM starts (default 10; quick 3)")
     p.add_argument("--restarts", type=int, default=None, help="single-start fits for the spread")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--consensus-models",
+        type=int,
+        default=CONSENSUS_MODELS,
+        help="models voting in the tissuegraph_consensus arm (default 5)",
+    )
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     p.add_argument("--kind", default="fused", choices=["fused", "expression", "image"])
     p.add_argument(
@@ -943,6 +1024,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--peer-seeds must be at least 1")
     if a.peer_threads < 1:
         p.error("--peer-threads must be at least 1")
+    if a.consensus_models < 1:
+        p.error("--consensus-models must be at least 1")
     return a
 
 
@@ -959,6 +1042,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         n_pcs=a.n_pcs,
         n_init=a.n_init if a.n_init is not None else (3 if q else 10),
         restarts=a.restarts if a.restarts is not None else (2 if q else 5),
+        consensus_models=a.consensus_models if not q else min(a.consensus_models, 3),
         methods=list(a.methods),
         protocols=list(a.protocols),
         kind=a.kind,

@@ -150,13 +150,15 @@ def test_transfer_never_pretrains_on_heldout(two_synthetic, tmp_path, monkeypatc
         n_pcs=10,
         n_init=1,
         restarts=1,
+        consensus_models=3,
         kind="expression",
         build_overrides=["patches.enabled=false"],
         trace_python=False,
     )
     runs = dom.run([two_synthetic["A"], two_synthetic["B"]], s, tmp_path)
-    # one pretraining per training section (reused by its per-section evaluation)
-    assert seen == [["A"], ["B"]]
+    # one pretraining per training section and model seed (seed 0 and the consensus arm's
+    # models 0-2), reused by its per-section evaluation; never on the held-out section
+    assert seen == [["A"]] * 3 + [["B"]] * 3
     transfer = [r for r in runs if r["protocol"] == "transfer"]
     assert {(r["train"], r["test"], r["method"]) for r in transfer} == {
         (a, b, m) for a, b in (("A", "B"), ("B", "A")) for m in dom.METHODS
@@ -168,7 +170,10 @@ def test_transfer_never_pretrains_on_heldout(two_synthetic, tmp_path, monkeypatc
     assert {r["scale"] for r in runs} == set(s.scales) == {False, True}
     for r in runs:
         assert -1.0 <= r["ari"] <= 1.0
-        assert r["restart_min"] <= r["restart_max"]
+        if r["method"] == "tissuegraph_consensus":
+            assert r["models"] == [0, 1, 2] and "restart_min" not in r
+        else:
+            assert r["restart_min"] <= r["restart_max"]
     # the reduced run also renders: summary rows for every (protocol, direction, method)
     cols, rows, targets = dom.summarise(runs, s)
     assert len(rows) == 4 * len(dom.METHODS) * len(s.scales)
