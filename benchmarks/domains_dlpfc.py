@@ -283,7 +283,7 @@ def cluster(rep, k: int, seed: int, n_init: int, scale: bool = False) -> np.ndar
         tmp,
         n_niches=k,
         method="gmm",
-        use_rep=keys[0] if len(keys) == 1 else keys,
+        use_rep=keys,
         key_added="bench_niche",
         covariance_type="tied",
         n_init=n_init,

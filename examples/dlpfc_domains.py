@@ -91,7 +91,7 @@ def main() -> None:
     m = adata.obs["layer"].notna().to_numpy()
     tl.niches(adata, n_niches=7, use_rep="X_tissuegraph", key_added="single_niche")
     ari_single = adjusted_rand_score(adata.obs["layer"][m], adata.obs["single_niche"][m])
-    tl.niches(adata, n_niches=7, use_rep=keys if len(keys) > 1 else keys[0])
+    tl.niches(adata, n_niches=7, use_rep=keys)
     ari = adjusted_rand_score(adata.obs["layer"][m], adata.obs["tg_niche"][m])
 
     # baseline for context: PCA + 3-hop neighbour aggregation, same GMM

@@ -156,8 +156,7 @@ def _niches(args) -> int:
     from tissuegraph import io, pl, tl
 
     adata = io.read_any(args.input)
-    reps = args.use_rep[0] if len(args.use_rep) == 1 else list(args.use_rep)
-    tl.niches(adata, n_niches=args.n_niches, method=args.method, use_rep=reps)
+    tl.niches(adata, n_niches=args.n_niches, method=args.method, use_rep=list(args.use_rep))
     io.write_h5ad(adata, args.out)
     figdir = Path(args.figdir) if args.figdir else Path(args.out).with_suffix("")
     written = pl.save_niche_figures(adata, figdir)
